@@ -1,0 +1,51 @@
+// infofuse._C: the schemas of every infofuse custom op, in one place, and the Python module.
+//
+// Implementations are registered per dispatch key beside their kernels (csrc/cpu/*.cpp for CPU,
+// csrc/cuda/*.cu for CUDA). Fake (meta) kernels and autograd are registered from Python
+// (python/infofuse/_ops/), so that the Triton backends can share them.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+TORCH_LIBRARY(infofuse, m) {
+  // Linear cross-entropy, forward. Returns (loss, lse, grad_input, grad_weight, grad_bias).
+  // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means no softcap. chunk_size <= 0 picks one.
+  // For mean/sum with a grad_* flag set, the matching gradient of the loss (for grad_output = 1) is
+  // formed in this pass and returned; otherwise that output is an empty tensor.
+  m.def(
+      "linear_cross_entropy_forward(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
+      "Tensor? weight, int reduction, int ignore_index, float label_smoothing, float z_loss, float softcap, "
+      "int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+      "-> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Linear cross-entropy, backward by recomputation from the saved lse. grad_loss is the gradient of the
+  // returned loss (shape () for mean/sum, (N,) for none); grad_lse (N,) that of the returned lse, if any.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, "
+      "Tensor target, Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int chunk_size, bool grad_input, bool grad_weight, "
+      "bool grad_bias) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef INFOFUSE_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  return info;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "infofuse C++/CUDA kernels; the ops live under torch.ops.infofuse";
+  m.def("build_info", &build_info, "How this extension was built (OpenMP, CUDA, torch version)");
+}

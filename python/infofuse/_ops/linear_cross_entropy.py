@@ -1,0 +1,145 @@
+"""Custom ops of linear cross-entropy: fake kernels and autograd.
+
+The ops ``infofuse::linear_cross_entropy_forward`` / ``_backward`` are declared in ``csrc/infofuse.cpp`` and
+implemented per backend (the C++ CPU kernel now; the GPU backends register theirs beside their kernels). Here
+they get what makes them first-class torch ops: fake kernels that mirror the real allocations exactly (for
+``torch.compile`` and ``opcheck``) and one autograd formula:
+
+* ``reduction`` "mean"/"sum": the forward op already formed the gradients for ``grad_output = 1`` while each
+  chunk of logits was hot; backward scales them by ``grad_output`` (in place, in eager mode: the forward's
+  buffers become the gradients, no copy).
+* ``reduction="none"``, a gradient flowing into the returned lse, a second backward through a retained graph,
+  or a gradient the forward did not form: the backward op recomputes the logits chunk by chunk from the lse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._ext import cpp_available
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LCEParams:
+    """The non-tensor options of one call, in the order of the op schema."""
+
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float  # 0.0: off
+    chunk_size: int  # <= 0: chosen by the backend
+
+    def as_args(self) -> tuple:
+        return dataclasses.astuple(self)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_like_flag(flag: bool, shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape) if flag else like.new_empty((0,))
+
+
+def _forward_fake(
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+    chunk_size, grad_input, grad_weight, grad_bias,
+):  # fmt: skip
+    n, d = input.shape
+    v = linear_weight.shape[0]
+    acc = _acc_dtype(input.dtype)
+    loss = input.new_empty((n,) if reduction == 0 else (), dtype=acc)
+    lse = input.new_empty((n,), dtype=acc)
+    grads = reduction != 0 and (grad_input or grad_weight or (grad_bias and linear_bias is not None))
+    gi = _empty_like_flag(grads and grad_input, (n, d), input)
+    gw = _empty_like_flag(grads and grad_weight, (v, d), linear_weight)
+    gb = (
+        linear_bias.new_empty((v,))
+        if grads and grad_bias and linear_bias is not None
+        else input.new_empty((0,))
+    )
+    return loss, lse, gi, gw, gb
+
+
+def _backward_fake(
+    grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
+    label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias,
+):  # fmt: skip
+    n, d = input.shape
+    v = linear_weight.shape[0]
+    any_grad = grad_input or grad_weight or (grad_bias and linear_bias is not None)
+    gi = _empty_like_flag(any_grad and grad_input, (n, d), input)
+    gw = _empty_like_flag(any_grad and grad_weight, (v, d), linear_weight)
+    gb = linear_bias.new_empty((v,)) if any_grad and grad_bias and linear_bias is not None else input.new_empty((0,))
+    return gi, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    input, linear_weight, target, linear_bias, weight, *options = inputs
+    params = LCEParams(*options[:6])
+    flags = tuple(options[6:9])
+    loss, lse, gi, gw, gb = output
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
+    ctx.params = params
+    # Gradients formed in forward (mean/sum), held until the first backward hands them over.
+    formed = params.reduction != 0 and any(flags)
+    ctx.formed = (gi, gw, gb) if formed else None
+    ctx.formed_flags = (flags[0], flags[1], flags[2] and linear_bias is not None) if formed else (False,) * 3
+    ctx.mark_non_differentiable(gi, gw, gb)
+    ctx.set_materialize_grads(False)
+
+
+def _is_eager(*tensors: torch.Tensor) -> bool:
+    """True for plain tensors (not fake/functional ones being traced by torch.compile or opcheck)."""
+    return all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+
+
+def _scale_formed(grad: torch.Tensor, scale: torch.Tensor, in_place: bool) -> torch.Tensor:
+    if in_place:
+        # On the CPU a grad_output of exactly 1 (the usual loss.backward()) costs nothing to test.
+        if scale.device.type == "cpu" and scale.item() == 1.0:
+            return grad
+        return grad.mul_(scale)
+    return grad * scale.to(grad.dtype)
+
+
+def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
+    input, linear_weight, target, linear_bias, weight, lse = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_bias = linear_bias is not None and ctx.needs_input_grad[3]
+    if grad_loss is None and grad_lse is None:
+        return None, None, None, None, None, *([None] * 9)
+    formed, ctx.formed = ctx.formed, None  # a second backward (retain_graph=True) recomputes
+    have = ctx.formed_flags
+    covered = (not need_input or have[0]) and (not need_weight or have[1]) and (not need_bias or have[2])
+    if formed is not None and grad_lse is None and covered:
+        in_place = _is_eager(grad_loss, *formed)
+        gi, gw, gb = (_scale_formed(g, grad_loss, in_place) if h else None for g, h in zip(formed, have))
+    else:
+        p = ctx.params
+        if grad_loss is None:
+            grad_loss = lse.new_zeros(() if p.reduction != 0 else lse.shape)
+        gi, gw, gb = torch.ops.infofuse.linear_cross_entropy_backward(
+            grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, *p.as_args(),
+            need_input, need_weight, need_bias,
+        )  # fmt: skip
+    return (
+        gi if need_input else None,
+        gw if need_weight else None,
+        None,
+        gb if need_bias else None,
+        *([None] * 10),
+    )
+
+
+if cpp_available():
+    torch.library.register_fake("infofuse::linear_cross_entropy_forward")(_forward_fake)
+    torch.library.register_fake("infofuse::linear_cross_entropy_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "infofuse::linear_cross_entropy_forward", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,236 @@
+"""Linear cross-entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the N×V logits."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+
+from . import _ext
+from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams
+from .reference import linear_cross_entropy_reference
+
+__all__ = ["linear_cross_entropy", "available_impls"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CPU_IMPLS = ("cpu", "reference")
+_GPU_IMPLS = ("reference",)
+_warned_fallback: set[str] = set()
+
+
+def available_impls(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The ``impl=`` values that can run on ``device`` in this installation, the default first."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _CPU_IMPLS if _ext.cpp_available() else ("reference",)
+    return _GPU_IMPLS
+
+
+def _default_impl(device: torch.device) -> str:
+    if device.type == "cpu" and _ext.cpp_available():
+        return "cpu"
+    reason = (
+        f"the C++ extension did not load ({_ext.build_info().get('error')})"
+        if device.type == "cpu"
+        else f"infofuse has no {device.type} backend yet"
+    )
+    if device.type not in _warned_fallback and not torch.compiler.is_compiling():
+        _warned_fallback.add(device.type)
+        warnings.warn(
+            f"infofuse.linear_cross_entropy: {reason}; using impl='reference', which materialises the N×V logits",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+              softcap, impl, chunk_size):  # fmt: skip
+    _check_tensor("input", input)
+    _check_tensor("linear_weight", linear_weight)
+    _check_tensor("target", target)
+    if input.dim() < 1:
+        raise ValueError(f"input must have shape (..., D), got a 0-dim tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be 2-D (V, D), got shape {tuple(linear_weight.shape)}")
+    d, v = input.shape[-1], linear_weight.shape[0]
+    if linear_weight.shape[1] != d:
+        raise ValueError(
+            f"linear_weight must be (V, D) with D = input.shape[-1] = {d}, got shape {tuple(linear_weight.shape)}"
+        )
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class indices (int64), got {target.dtype}; class-probability targets "
+            "are not supported"
+        )
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float32, bfloat16, float16 or float64, got {input.dtype}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight must have input's dtype {input.dtype}, got {linear_weight.dtype}")
+    if linear_bias is not None:
+        _check_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (v,):
+            raise ValueError(f"linear_bias must have shape (V,) = ({v},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias must have input's dtype {input.dtype}, got {linear_bias.dtype}")
+    if weight is not None:
+        _check_tensor("weight", weight)
+        if tuple(weight.shape) != (v,):
+            raise ValueError(f"weight (class weights) must have shape (V,) = ({v},), got {tuple(weight.shape)}")
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"weight (class weights) must be floating point, got {weight.dtype}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight (class weights) receives no gradient, as in PyTorch; pass weight.detach()")
+    devices = {t.device for t in (input, linear_weight, target, linear_bias, weight) if t is not None}
+    if len(devices) > 1:
+        names = ["input", "linear_weight", "target", "linear_bias", "weight"]
+        where = ", ".join(
+            f"{n} on {t.device}" for n, t in zip(names, (input, linear_weight, target, linear_bias, weight))
+            if t is not None
+        )  # fmt: skip
+        raise ValueError(f"all tensors must be on one device, got {where}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, numbers.Real) or not float(z_loss) >= 0.0 or z_loss == float("inf"):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and (
+        not isinstance(softcap, numbers.Real) or not 0.0 < float(softcap) < float("inf")
+    ):  # fmt: skip
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if impl is not None and impl not in ("cpu", "reference", "chunked", "fused"):
+        raise ValueError(f"impl must be None, 'cpu', 'reference', 'chunked' or 'fused', got {impl!r}")
+    # Target range: a data-dependent check, done here where it is free (CPU tensors, eager). Under
+    # torch.compile the C++ kernel checks the same thing before its first GEMM.
+    if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
+        t = target.reshape(-1)
+        bad = (t != ignore_index) & ((t < 0) | (t >= v))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"target[{i}] (flattened) = {int(t[i])} is outside [0, V) with V = {v} and is not "
+                f"ignore_index ({ignore_index})"
+            )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    impl: str | None = None,
+    chunk_size: int | None = None,
+):
+    """Cross-entropy of a linear layer's output, without materialising the N×V logits.
+
+    Equivalent PyTorch (the reference, ``infofuse.reference.linear_cross_entropy_reference``)::
+
+        logits = F.linear(input, linear_weight, linear_bias).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), weight=weight, reduction=reduction,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+        loss = loss + z_loss * lse**2   # lse = logits.logsumexp(-1), reduced like the loss over valid tokens
+
+    The arguments up to ``label_smoothing`` are those of ``torch.nn.functional.linear_cross_entropy``
+    (torch >= 2.13), so existing calls work unchanged; the rest are keyword-only extras.
+
+    Args:
+        input: (..., D) float32, bfloat16, float16 (or float64) activations.
+        linear_weight: (V, D) classifier weight, same dtype as ``input``.
+        target: (...) = ``input.shape[:-1]`` integer class indices in [0, V), or ``ignore_index``.
+        linear_bias: optional (V,) bias, same dtype as ``input``.
+        weight: optional (V,) per-class rescaling, as in ``F.cross_entropy`` ("mean" divides by
+            Σ weight[target] over non-ignored tokens). Receives no gradient.
+        reduction: "mean" | "sum" | "none". "none" returns the per-token loss in ``target``'s shape, 0 at
+            ignored tokens. "mean" over zero valid tokens is NaN, as in PyTorch.
+        ignore_index: targets equal to it contribute neither loss nor gradient (``None`` means -100).
+        label_smoothing: ε in [0, 1], PyTorch's definition (with class weights, the smoothing term is weighted
+            per class too).
+        z_loss: λ >= 0; adds λ·lse² per non-ignored token, not class-weighted; "mean" divides that term by the
+            number of non-ignored tokens.
+        softcap: c > 0 replaces the logits by c·tanh(logits / c) (Gemma-2) before everything else.
+        return_lse: also return the per-token log-sum-exp of the (softcapped) logits, in ``target``'s shape;
+            gradients flow through it too.
+        impl: None picks by device ("cpu" for CPU tensors); "cpu" (C++ over row chunks), "reference"
+            (plain PyTorch, materialises the logits). ``available_impls(device)`` lists what can run.
+        chunk_size: rows of logits held at once by the chunked backends (None: about 32 MiB of logits).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``target``'s shape for
+        "none"; with ``return_lse``, ``(loss, lse)``. Gradients flow to ``input``, ``linear_weight`` and
+        ``linear_bias``, each in its own dtype, accumulated in float32.
+
+    NaN or inf in the inputs propagate to the loss and the gradients; they are not checked for.
+    """
+    with torch.profiler.record_function("infofuse::linear_cross_entropy"):
+        if ignore_index is None:
+            ignore_index = -100
+        _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                  z_loss, softcap, impl, chunk_size)  # fmt: skip
+        device = input.device
+        if impl is None:
+            impl = _default_impl(device)
+        if impl == "reference":
+            return linear_cross_entropy_reference(
+                input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                softcap=None if softcap is None else float(softcap), return_lse=return_lse,
+                compute_dtype=torch.float64 if input.dtype == torch.float64 else torch.float32,
+            )  # fmt: skip
+        if impl == "cpu":
+            _ext.require_cpp("cpu")
+            if device.type != "cpu":
+                raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
+        else:
+            raise NotImplementedError(f"impl={impl!r} (a GPU backend) is not available in this build yet")
+
+        params = LCEParams(
+            reduction=REDUCTIONS[reduction],
+            ignore_index=int(ignore_index),
+            label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss),
+            softcap=0.0 if softcap is None else float(softcap),
+            chunk_size=0 if chunk_size is None else int(chunk_size),
+        )
+        grad_on = torch.is_grad_enabled()
+        flags = (
+            grad_on and input.requires_grad,
+            grad_on and linear_weight.requires_grad,
+            grad_on and linear_bias is not None and linear_bias.requires_grad,
+        )
+        x = input.reshape(-1, input.shape[-1])
+        t = target.reshape(-1)
+        if t.dtype != torch.int64:
+            t = t.long()
+        loss, lse, *_ = torch.ops.infofuse.linear_cross_entropy_forward(
+            x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags
+        )
+        if reduction == "none":
+            loss = loss.reshape(target.shape)
+        if return_lse:
+            return loss, lse.reshape(target.shape)
+        return loss

@@ -1,0 +1,454 @@
+"""linear_cross_entropy: every backend against the plain-PyTorch reference, graded in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import infofuse
+from infofuse import linear_cross_entropy, linear_cross_entropy_reference
+from tests.utils import assert_close, assert_graded, rel_err
+
+pytestmark = pytest.mark.skipif(not infofuse.cpp_available(), reason="needs the C++ extension infofuse._C")
+
+IMPLS = ["cpu"]  # the GPU issue adds the Triton strategies here (under TRITON_INTERPRET=1 on CPU)
+SHAPES = [  # (batch shape, D, V): odd sizes that defeat block and chunk sizes
+    ((252,), 123, 507),
+    ((1,), 17, 33),
+    ((13,), 9, 1),
+    ((3, 7), 31, 123),
+]
+
+
+def make_inputs(batch, d, v, dtype=torch.float64, *, seed=0, bias=True, ignore_frac=0.15, ignore_index=-100,
+                noncontig=False, scale=2.0):  # fmt: skip
+    """Random (never zero) inputs with logits of standard deviation about ``scale``; some targets ignored."""
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:  # strided views of larger tensors
+        x = torch.randn(*batch, 2 * d + 1, generator=g, dtype=torch.float64)[..., 1 : 2 * d + 1 : 2]
+        w = torch.randn(d + 3, v, generator=g, dtype=torch.float64).t()[:, 2 : d + 2] * (scale / math.sqrt(d))
+    else:
+        x = torch.randn(*batch, d, generator=g, dtype=torch.float64)
+        w = torch.randn(v, d, generator=g, dtype=torch.float64) * (scale / math.sqrt(d))
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    t = torch.randint(0, v, batch, generator=g)
+    t[torch.rand(batch, generator=g) < ignore_frac] = ignore_index
+    x, w = x.to(dtype), w.to(dtype)
+    if b is not None:
+        b = b.to(dtype)
+    return x, w, t, b
+
+
+def run(fn, x, w, t, b, *, grad_scale=1.7, lse_grad=None, **kw):
+    """Loss, lse and gradients of ``fn``, with a non-trivial upstream gradient (per token for "none")."""
+    leaves = [x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+    if b is not None:
+        leaves.append(b.detach().clone().requires_grad_())
+    xb, wb = leaves[0], leaves[1]
+    bb = leaves[2] if b is not None else None
+    out = fn(xb, wb, t, linear_bias=bb, return_lse=True, **kw)
+    loss, lse = out
+    if loss.dim() == 0:
+        total = loss * grad_scale
+    else:
+        g = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        total = (loss * g).sum()
+    if lse_grad is not None:
+        total = total + (lse * lse_grad).sum()
+    total.backward()
+    return {
+        "loss": loss.detach(),
+        "lse": lse.detach(),
+        "dx": xb.grad,
+        "dw": wb.grad,
+        "db": None if b is None else bb.grad,
+    }
+
+
+def ref_fn(*args, **kw):
+    kw.pop("impl", None)
+    kw.pop("chunk_size", None)
+    return linear_cross_entropy_reference(*args, **kw)
+
+
+def truth_fn(x, w, t, **kw):
+    """The float64 reference on float64 copies of the same values."""
+    kw.pop("impl", None)
+    kw.pop("chunk_size", None)
+    b = kw.pop("linear_bias")
+    return linear_cross_entropy_reference(
+        x.double(), w.double(), t, linear_bias=None if b is None else b.double(), compute_dtype=torch.float64, **kw
+    )
+
+
+def check_float64(impl, x, w, t, b, *, rtol=1e-9, lse_grad=None, **kw):
+    ours = run(linear_cross_entropy, x, w, t, b, impl=impl, lse_grad=lse_grad, **kw)
+    ref = run(ref_fn, x, w, t, b, compute_dtype=torch.float64, lse_grad=lse_grad, **kw)
+    for key in ours:
+        if ours[key] is None:
+            assert ref[key] is None, key
+            continue
+        assert ours[key].dtype == ref[key].dtype, f"{key}: dtype {ours[key].dtype} != {ref[key].dtype}"
+        scale = ref[key].abs().nan_to_num(0.0).max().item() if ref[key].numel() else 1.0
+        assert_close(ours[key], ref[key], rtol=rtol, atol=rtol * max(scale, 1e-30), name=key)
+    return ours, ref
+
+
+# ---------------------------------------------------------------- the reference itself
+
+
+def test_reference_against_explicit_formula():
+    """The reference against a loop written straight from MATH.md, in float64, every option on."""
+    x, w, t, b = make_inputs((29,), 11, 37, seed=1)
+    cw = torch.rand(37, dtype=torch.float64) + 0.5
+    eps, lam, cap = 0.2, 0.03, 2.5
+    for reduction in ("mean", "sum", "none"):
+        got, lse = linear_cross_entropy_reference(
+            x, w, t, linear_bias=b, weight=cw, reduction=reduction, label_smoothing=eps, z_loss=lam, softcap=cap,
+            return_lse=True, compute_dtype=torch.float64,
+        )  # fmt: skip
+        z = cap * torch.tanh((x @ w.T + b) / cap)
+        v = z.shape[1]
+        per_ce, per_z, denom, n_valid = [], [], 0.0, 0
+        for i in range(z.shape[0]):
+            m = z[i].max()
+            l_i = m + torch.log(torch.exp(z[i] - m).sum())
+            assert abs(l_i.item() - lse[i].item()) < 1e-12
+            if t[i] == -100:
+                per_ce.append(0.0)
+                per_z.append(0.0)
+                continue
+            ti = int(t[i])
+            ce = (1 - eps) * cw[ti] * (l_i - z[i, ti]) + eps / v * (cw * (l_i - z[i])).sum()
+            per_ce.append(ce.item())
+            per_z.append(lam * l_i.item() ** 2)
+            denom += cw[ti].item()
+            n_valid += 1
+        if reduction == "mean":
+            want = torch.tensor(sum(per_ce) / denom + sum(per_z) / n_valid, dtype=torch.float64)
+        elif reduction == "sum":
+            want = torch.tensor(sum(per_ce) + sum(per_z), dtype=torch.float64)
+        else:
+            want = torch.tensor(per_ce, dtype=torch.float64) + torch.tensor(per_z, dtype=torch.float64)
+        assert_close(got, want, rtol=1e-12, atol=1e-12, name=f"reference {reduction}")
+
+
+def test_reference_matches_torch_cross_entropy_without_extras():
+    x, w, t, b = make_inputs((40,), 8, 19, seed=2)
+    got = linear_cross_entropy_reference(x, w, t, linear_bias=b, compute_dtype=torch.float64)
+    want = F.cross_entropy(F.linear(x, w, b), t)
+    assert_close(got, want, rtol=1e-14, atol=0, name="loss")
+
+
+# ---------------------------------------------------------------- float64: the math, exactly
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_matches_reference(impl, shape, reduction):
+    batch, d, v = shape
+    x, w, t, b = make_inputs(batch, d, v, seed=3)
+    check_float64(impl, x, w, t, b, reduction=reduction)
+
+
+OPTION_SETS = {
+    "plain": {},
+    "no_bias": {"bias": False},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "label_smoothing_1": {"label_smoothing": 1.0},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 1.5},
+    "class_weight": {"weight": True},
+    "ignore_index_in_range": {"ignore_index": 3},
+    "chunked_7": {"chunk_size": 7},
+    "everything": {"label_smoothing": 0.25, "z_loss": 0.05, "softcap": 3.0, "weight": True, "chunk_size": 5},
+    "weight_smoothing": {"weight": True, "label_smoothing": 0.3},
+    "noncontiguous": {"noncontig": True, "chunk_size": 16},
+}
+
+
+def _options(name, v, seed=0):
+    opts = dict(OPTION_SETS[name])
+    make_kw = {k: opts.pop(k) for k in ("noncontig", "bias") if k in opts}
+    if "ignore_index" in opts:
+        make_kw["ignore_index"] = opts["ignore_index"]
+    if opts.pop("weight", False):
+        opts["weight"] = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.25
+    return make_kw, opts
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_every_option(impl, option_set, reduction):
+    make_kw, opts = _options(option_set, 507)
+    x, w, t, b = make_inputs((63,), 29, 507, seed=4, **make_kw)
+    if make_kw.get("noncontig"):
+        assert not x.is_contiguous() and not w.is_contiguous()
+    check_float64(impl, x, w, t, b, reduction=reduction, **opts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradient_through_lse(impl, reduction):
+    x, w, t, b = make_inputs((45,), 13, 77, seed=5)
+    lse_grad = torch.linspace(-1.0, 2.0, 45, dtype=torch.float64)
+    check_float64(impl, x, w, t, b, reduction=reduction, lse_grad=lse_grad, z_loss=0.01, chunk_size=8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(impl, reduction):
+    x, w, t, b = make_inputs((12,), 7, 15, seed=6, ignore_frac=1.0)
+    assert (t == -100).all()
+    ours, ref = check_float64(impl, x, w, t, b, reduction=reduction, label_smoothing=0.1)
+    if reduction == "mean":
+        assert ours["loss"].isnan()
+    else:
+        assert (ours["loss"] == 0).all()
+    assert (ours["dx"] == 0).all() and (ours["dw"] == 0).all() and (ours["db"] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_input_matches_pytorch(impl, reduction):
+    x = torch.randn(0, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    ours = linear_cross_entropy(x, w, t, reduction=reduction, impl=impl)
+    want = F.cross_entropy(F.linear(x, w), t, reduction=reduction)
+    assert ours.shape == want.shape
+    assert_close(ours, want, rtol=0, atol=0, name="empty loss")
+    ours.sum().backward()
+    assert x.grad.shape == (0, 6) and (w.grad == 0).all()
+
+
+# ---------------------------------------------------------------- float32 / bf16 / fp16, graded against PyTorch
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option_set", ["plain", "everything", "noncontiguous"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_graded_against_pytorch(impl, dtype, option_set, reduction):
+    make_kw, opts = _options(option_set, 507, seed=7)
+    x, w, t, b = make_inputs((252,), 123, 507, dtype=dtype, seed=7, **make_kw)
+    ours = run(linear_cross_entropy, x, w, t, b, impl=impl, reduction=reduction, **opts)
+    same = run(ref_fn, x, w, t, b, reduction=reduction, **opts)  # PyTorch at this dtype, fp32 logits
+    truth = run(truth_fn, x, w, t, b, reduction=reduction, **opts)
+    assert ours["loss"].dtype == torch.float32 and ours["lse"].dtype == torch.float32
+    assert ours["dx"].dtype == dtype and ours["dw"].dtype == dtype and ours["db"].dtype == dtype
+    # floors: a few units of float32 rounding, so that an exact PyTorch result does not demand exactness
+    for key in ("loss", "lse", "dx", "dw", "db"):
+        floor = 1e-6 if key in ("loss", "lse") or dtype == torch.float32 else 1e-3
+        assert_graded(ours[key], same[key], truth[key], name=f"{key} ({dtype})", factor=2.0, floor=floor)
+
+
+# ---------------------------------------------------------------- autograd behaviour
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_requires_grad_and_no_grad(impl):
+    x, w, t, b = make_inputs((30,), 10, 41, seed=8)
+    want = run(ref_fn, x, w, t, b, compute_dtype=torch.float64)
+    for frozen in ("x", "w", "b"):
+        xs = x.clone().requires_grad_(frozen != "x")
+        ws = w.clone().requires_grad_(frozen != "w")
+        bs = b.clone().requires_grad_(frozen != "b")
+        loss = linear_cross_entropy(xs, ws, t, linear_bias=bs, impl=impl)
+        (loss * 1.7).backward()
+        for name, leaf, key in (("x", xs, "dx"), ("w", ws, "dw"), ("b", bs, "db")):
+            if name == frozen:
+                assert leaf.grad is None
+            else:
+                assert_close(leaf.grad, want[key], rtol=1e-9, atol=1e-12, name=f"{key} with {frozen} frozen")
+    with torch.no_grad():
+        loss = linear_cross_entropy(x.requires_grad_(), w, t, linear_bias=b, impl=impl)
+    assert not loss.requires_grad
+    assert_close(loss, want["loss"], rtol=1e-12, atol=0, name="no_grad loss")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_retain_graph_second_backward(impl, reduction):
+    x, w, t, b = make_inputs((21,), 9, 33, seed=9)
+    xs = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xs, w, t, linear_bias=b, reduction=reduction, impl=impl, chunk_size=4)
+    total = loss.sum() * 0.5
+    total.backward(retain_graph=True)
+    first = xs.grad.clone()
+    xs.grad = None
+    total.backward()
+    assert_close(xs.grad, first, rtol=1e-12, atol=1e-15, name="second backward")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_three_dim_input_and_module(impl):
+    x, w, t, b = make_inputs((2, 5), 12, 50, seed=10)
+    module = infofuse.LinearCrossEntropyLoss(reduction="none", label_smoothing=0.1, impl=impl)
+    loss = module(x, w, t, b)
+    assert loss.shape == (2, 5)
+    want = linear_cross_entropy_reference(x, w, t, linear_bias=b, reduction="none", label_smoothing=0.1,
+                                          compute_dtype=torch.float64)  # fmt: skip
+    assert_close(loss, want, rtol=1e-12, atol=1e-12, name="module loss")
+    weighted = infofuse.LinearCrossEntropyLoss(weight=torch.rand(50, dtype=torch.float64), impl=impl)
+    assert "weight" in dict(weighted.named_buffers())
+    assert "reduction='mean'" in repr(weighted)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_input_propagates(impl):
+    x, w, t, b = make_inputs((10,), 6, 20, seed=11, ignore_frac=0.0)
+    x[4, 2] = float("nan")
+    loss = linear_cross_entropy(x, w, t, linear_bias=b, reduction="none", impl=impl)
+    assert loss[4].isnan() and not loss[torch.arange(10) != 4].isnan().any()
+    assert linear_cross_entropy(x, w, t, linear_bias=b, impl=impl).isnan()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_float64(impl):
+    x, w, t, b = make_inputs((6,), 5, 11, seed=12, ignore_frac=0.2)
+    cw = torch.rand(11, dtype=torch.float64) + 0.5
+    for reduction in ("mean", "sum", "none"):
+
+        def f(x_, w_, b_, reduction=reduction):
+            loss, lse = linear_cross_entropy(
+                x_, w_, t, linear_bias=b_, weight=cw, reduction=reduction, label_smoothing=0.2, z_loss=0.1,
+                softcap=2.0, return_lse=True, impl=impl, chunk_size=4,
+            )  # fmt: skip
+            return loss, lse
+
+        inputs = tuple(a.clone().requires_grad_() for a in (x, w, b))
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_record_function_names_the_op():
+    x, w, t, b = make_inputs((8,), 4, 9, dtype=torch.float32, seed=13)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        linear_cross_entropy(x, w, t, linear_bias=b)
+    names = {e.name for e in prof.events()}
+    assert "infofuse::linear_cross_entropy" in names
+
+
+# ---------------------------------------------------------------- custom-op machinery
+
+
+def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=True):
+    x, w, t, b = make_inputs((17,), 6, 23, dtype=dtype, seed=14)
+    cw = torch.rand(23, dtype=torch.float32) + 0.5 if weight else None
+    return (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), cw, reduction, -100, 0.1, 0.01, 2.0, 4,
+            *flags)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("flags", [(True, True, True), (False, True, False)])
+def test_opcheck_forward(reduction, flags):
+    args = _op_args(reduction=reduction, flags=flags)
+    torch.library.opcheck(torch.ops.infofuse.linear_cross_entropy_forward.default, args)
+
+
+@pytest.mark.parametrize("reduction", [0, 1])
+def test_opcheck_backward(reduction):
+    x, w, t, b, cw, *_ = _op_args(reduction=reduction)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    out = torch.ops.infofuse.linear_cross_entropy_forward(x, w, t, b, cw, reduction, -100, 0.1, 0.01, 2.0, 4,
+                                                          False, False, False)  # fmt: skip
+    lse = out[1]
+    grad_loss = torch.rand(17) + 0.5 if reduction == 0 else torch.tensor(1.3)
+    args = (grad_loss, torch.rand(17), x, w, t, b, cw, lse, reduction, -100, 0.1, 0.01, 2.0, 4, True, True, True)
+    torch.library.opcheck(torch.ops.infofuse.linear_cross_entropy_backward.default, args)
+
+
+def test_fake_kernel_mirrors_real_outputs():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for reduction, flags in ((0, (True, True, True)), (1, (True, False, True)), (2, (False, False, False))):
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(reduction=reduction, flags=flags)]
+        real = torch.ops.infofuse.linear_cross_entropy_forward(*args)
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = torch.ops.infofuse.linear_cross_entropy_forward(*fake_args)
+        for r, f in zip(real, fake):
+            assert (r.shape, r.dtype, r.device) == (f.shape, f.dtype, f.device)
+
+
+def test_torch_compile_fullgraph():
+    x, w, t, b = make_inputs((40,), 16, 64, dtype=torch.float32, seed=15)
+
+    def step(x_, w_, b_):
+        loss = linear_cross_entropy(x_, w_, t, linear_bias=b_, label_smoothing=0.1, z_loss=1e-3, impl="cpu")
+        return loss * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    compiled(*leaves).backward()
+    eager_leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    want = step(*eager_leaves)
+    want.backward()
+    assert_close(compiled(*leaves).detach(), want.detach(), rtol=1e-6, atol=1e-6, name="compiled loss")
+    for a, e, n in zip(leaves, eager_leaves, ("dx", "dw", "db")):
+        assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-7, name=f"compiled {n}")
+
+
+# ---------------------------------------------------------------- agreement with torch's own op
+
+HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="torch.nn.functional.linear_cross_entropy needs torch >= 2.13")
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy.*options.*ignored:UserWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["plain", "bias", "weight", "ignore", "smoothing", "all", "ignore_none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_agrees_with_torch_linear_cross_entropy(impl, case, reduction, chunked):
+    x, w, t, b = make_inputs((70,), 24, 130, dtype=torch.float32, seed=16, ignore_frac=0.2)
+    kw = {"reduction": reduction}
+    if case in ("bias", "all"):
+        kw["linear_bias"] = b
+    if case in ("weight", "all"):
+        kw["weight"] = torch.rand(130) + 0.5
+    if case in ("ignore", "all"):
+        kw["ignore_index"] = -100
+    if case == "ignore_none":
+        kw["ignore_index"] = None  # torch maps None to -100
+    if case in ("smoothing", "all"):
+        kw["label_smoothing"] = 0.15
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    leaves_t = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    leaves_o = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    want = F.linear_cross_entropy(*leaves_t, t, options=options, **kw)
+    got = linear_cross_entropy(*leaves_o, t, impl=impl, **kw)
+    assert_close(got, want, rtol=2e-5, atol=2e-5, name="loss")
+    want.sum().backward()
+    got.sum().backward()
+    for a, e, n in zip(leaves_o, leaves_t, ("dx", "dw")):
+        assert rel_err(a.grad, e.grad) < 1e-5, n
+
+
+# ---------------------------------------------------------------- N·V past 2³¹
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_times_vocab_past_int32(impl):
+    """N·V > 2³¹ with D = 2: 64-bit offsets, checked against a chunked float64 recomputation."""
+    n, d, v = 65_600, 2, 32_768
+    assert n * v > 2**31
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[-1] = v - 1
+    loss, lse = linear_cross_entropy(x, w, t, reduction="none", return_lse=True, impl=impl)
+    xd, wd = x.double(), w.double()
+    for r0 in (0, n // 2, n - 512):
+        z = xd[r0 : r0 + 512] @ wd.T
+        want_lse = torch.logsumexp(z, 1)
+        want = want_lse - z.gather(1, t[r0 : r0 + 512, None]).squeeze(1)
+        assert_close(lse[r0 : r0 + 512], want_lse, rtol=1e-5, atol=1e-5, name=f"lse rows {r0}+")
+        assert_close(loss[r0 : r0 + 512], want, rtol=1e-4, atol=1e-4, name=f"loss rows {r0}+")
