@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "cpu/gemm.h"
+
 TORCH_LIBRARY(infofuse, m) {
   // Linear cross-entropy, forward. Returns (loss, lse, grad_input, grad_weight, grad_bias).
   // reduction: 0 none, 1 mean, 2 sum. softcap <= 0 means no softcap. chunk_size <= 0 picks one.
@@ -41,11 +43,14 @@ pybind11::dict build_info() {
   info["cuda"] = false;
 #endif
   info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  info["cpu_gemm"] = infofuse::cpu::gemm_backend_name();
   return info;
 }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "infofuse C++/CUDA kernels; the ops live under torch.ops.infofuse";
-  m.def("build_info", &build_info, "How this extension was built (OpenMP, CUDA, torch version)");
+  m.def("build_info", &build_info, "How this extension was built (OpenMP, CUDA, torch version, CPU GEMM)");
+  m.def("set_cpu_gemm_backend", &infofuse::cpu::set_gemm_backend,
+        "'auto' (oneDNN for float32 where PyTorch provides it, else at::mm) or 'aten' (always at::mm)");
 }

@@ -452,3 +452,34 @@ def test_rows_times_vocab_past_int32(impl):
         want = want_lse - z.gather(1, t[r0 : r0 + 512, None]).squeeze(1)
         assert_close(lse[r0 : r0 + 512], want_lse, rtol=1e-5, atol=1e-5, name=f"lse rows {r0}+")
         assert_close(loss[r0 : r0 + 512], want, rtol=1e-4, atol=1e-4, name=f"loss rows {r0}+")
+
+
+# ---------------------------------------------------------------- the CPU GEMM choice
+
+
+@pytest.fixture
+def aten_gemm():
+    from infofuse._ext import _C
+
+    _C.set_cpu_gemm_backend("aten")
+    yield
+    _C.set_cpu_gemm_backend("auto")
+
+
+def test_cpu_gemm_backend_is_reported():
+    assert infofuse.build_info()["cpu_gemm"] in ("onednn", "aten")
+    with pytest.raises(ValueError, match="gemm backend must be 'auto' or 'aten'"):
+        infofuse._ext._C.set_cpu_gemm_backend("fast")
+
+
+@pytest.mark.parametrize("option_set", ["plain", "everything", "noncontiguous"])
+def test_float32_with_aten_gemm_graded(aten_gemm, option_set):
+    """The at::mm fallback (used where PyTorch lacks oneDNN) is as accurate as the default GEMM."""
+    assert infofuse.build_info()["cpu_gemm"] == "aten"
+    make_kw, opts = _options(option_set, 507, seed=18)
+    x, w, t, b = make_inputs((252,), 123, 507, dtype=torch.float32, seed=18, **make_kw)
+    ours = run(linear_cross_entropy, x, w, t, b, impl="cpu", **opts)
+    same = run(ref_fn, x, w, t, b, **opts)
+    truth = run(truth_fn, x, w, t, b, **opts)
+    for key in ("loss", "lse", "dx", "dw", "db"):
+        assert_graded(ours[key], same[key], truth[key], name=key, factor=2.0, floor=1e-6)

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "gemm.h"
 #include "row_kernels.h"
 
 namespace infofuse::cpu {
@@ -195,9 +196,10 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
 void chunk_logits(at::Tensor& out, const at::Tensor& x_chunk, const at::Tensor& linear_weight,
                   const std::optional<at::Tensor>& linear_bias) {
   if (linear_bias.has_value()) {
-    at::addmm_out(out, *linear_bias, x_chunk, linear_weight.t());
+    out.copy_(linear_bias->unsqueeze(0).expand_as(out));
+    gemm(x_chunk, linear_weight.t(), out, /*accumulate=*/true);
   } else {
-    at::mm_out(out, x_chunk, linear_weight.t());
+    gemm(x_chunk, linear_weight.t(), out, /*accumulate=*/false);
   }
 }
 
@@ -229,7 +231,7 @@ struct GradAccumulator {
     const int64_t rows = g.size(0);
     if (want_input) {
       auto out = grad_input.narrow(0, r0, rows);
-      at::mm_out(out, g, linear_weight);
+      gemm(g, linear_weight, out, /*accumulate=*/false);
     }
     if (want_weight) {
       if (half) {
@@ -238,10 +240,8 @@ struct GradAccumulator {
           const int64_t vb = std::min(kHalfGradWeightBlock, v - j0);
           grad_weight_acc.narrow(0, j0, vb).add_(at::mm(g.narrow(1, j0, vb).t(), x_chunk));
         }
-      } else if (first) {
-        at::mm_out(grad_weight_acc, g.t(), x_chunk);
       } else {
-        grad_weight_acc.addmm_(g.t(), x_chunk);
+        gemm(g.t(), x_chunk, grad_weight_acc, /*accumulate=*/!first);
       }
     }
     if (want_bias) grad_bias_acc.add_(at::sum(g, {0}, false, grad_bias_acc.scalar_type()));

@@ -27,15 +27,19 @@ using index_t = int64_t;
 // block sums are added in double: the error of a row sum stays near one block's, whatever V is.
 constexpr index_t kSumBlock = 1024;
 
-// exp(x) for float, to about 2 ulp where the result is a normal float; 0 below -87.3, +inf above 88
-// (callers only pass x <= 0), NaN for NaN. Branch-free so that loops calling it vectorise. The reduction
-// is x = n·ln2 + r with |r| <= ln2/2 and a degree-6 polynomial for exp(r) (Cephes' expf coefficients).
+// exp(x) for float, to about 2 ulp where the result is a normal float; 0 below -87.3, and NaN for NaN.
+// Callers only pass x <= 0 (logit minus the row max or lse). Written with selects and no calls, so that the
+// loops calling it vectorise on every target: x = n·ln2 + r with |r| <= ln2/2, n rounded by the 1.5·2²³
+// shifter, and a degree-6 polynomial for exp(r) (Cephes' expf coefficients).
 static INFOFUSE_INLINE float exp_fast(float x) {
+  const float lo = -87.3f, hi = 88.0f;
   const float log2e = 1.44269504088896341f;
   const float ln2_hi = 0.693359375f;  // ln 2 split in two so that n·ln2_hi is exact
   const float ln2_lo = -2.12194440e-4f;
-  const float xc = std::fmin(std::fmax(x, -87.3f), 88.0f);
-  const float n = std::floor(xc * log2e + 0.5f);
+  const float shifter = 12582912.0f;  // 1.5·2²³: adding it rounds a float below 2²² to an integer
+  float xc = x < lo ? lo : x;         // NaN passes through both selects
+  xc = xc > hi ? hi : xc;
+  const float n = (xc * log2e + shifter) - shifter;
   const float r = (xc - n * ln2_hi) - n * ln2_lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -47,10 +51,8 @@ static INFOFUSE_INLINE float exp_fast(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float y = p * scale;
-  y = (x < -87.3f) ? 0.0f : y;
-  y = (x > 88.0f) ? std::numeric_limits<float>::infinity() : y;
-  return (x != x) ? x : y;
+  const float y = p * scale;
+  return x < lo ? 0.0f : y;
 }
 
 static INFOFUSE_INLINE double exp_fast(double x) { return std::exp(x); }
@@ -59,7 +61,7 @@ template <typename T>
 static INFOFUSE_INLINE T row_max_impl(const T* __restrict z, index_t v) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-  for (index_t j = 0; j < v; ++j) m = std::fmax(m, z[j]);
+  for (index_t j = 0; j < v; ++j) m = z[j] > m ? z[j] : m;
   return m;
 }
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (loads libtorch/libc10, which infofuse._C links against)
+
 _C = None
 _LOAD_ERROR: str | None = None
 
