@@ -25,9 +25,9 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 	$(PIP) install --no-build-isolation -e ".[bench]"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --no-build-isolation -e ".[test]"
-	touch $@
+$(VENV)/.installed-test: $(VENV)/.torch $(SOURCES)
+	$(PIP) install --no-build-isolation -e ".[bench,test]"
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -41,9 +41,11 @@ test: install-test
 lint: install-test
 	$(VENV)/bin/ruff check python bench tests triton_kernels setup.py
 	$(VENV)/bin/ruff format --check python bench tests triton_kernels setup.py
+	$(VENV)/bin/clang-format --dry-run -Werror $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 
 format: install-test
 	$(VENV)/bin/ruff format python bench tests triton_kernels setup.py
+	$(VENV)/bin/clang-format -i $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 
 # CUDA sources must compile wherever nvcc is, GPU or not: `nvcc -c` for sm_80 and sm_90a against torch's headers.
 NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))

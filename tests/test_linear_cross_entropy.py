@@ -372,7 +372,7 @@ def test_fake_kernel_mirrors_real_outputs():
         with FakeTensorMode() as mode:
             fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             fake = torch.ops.infofuse.linear_cross_entropy_forward(*fake_args)
-        for r, f in zip(real, fake):
+        for r, f in zip(real, fake, strict=True):
             assert (r.shape, r.dtype, r.device) == (f.shape, f.dtype, f.device)
 
 
@@ -390,7 +390,7 @@ def test_torch_compile_fullgraph():
     want = step(*eager_leaves)
     want.backward()
     assert_close(compiled(*leaves).detach(), want.detach(), rtol=1e-6, atol=1e-6, name="compiled loss")
-    for a, e, n in zip(leaves, eager_leaves, ("dx", "dw", "db")):
+    for a, e, n in zip(leaves, eager_leaves, ("dx", "dw", "db"), strict=True):
         assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-7, name=f"compiled {n}")
 
 
@@ -426,7 +426,7 @@ def test_agrees_with_torch_linear_cross_entropy(impl, case, reduction, chunked):
     assert_close(got, want, rtol=2e-5, atol=2e-5, name="loss")
     want.sum().backward()
     got.sum().backward()
-    for a, e, n in zip(leaves_o, leaves_t, ("dx", "dw")):
+    for a, e, n in zip(leaves_o, leaves_t, ("dx", "dw"), strict=True):
         assert rel_err(a.grad, e.grad) < 1e-5, n
 
 
@@ -483,3 +483,32 @@ def test_float32_with_aten_gemm_graded(aten_gemm, option_set):
     truth = run(truth_fn, x, w, t, b, **opts)
     for key in ("loss", "lse", "dx", "dw", "db"):
         assert_graded(ours[key], same[key], truth[key], name=key, factor=2.0, floor=1e-6)
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fuzz_float64_against_reference(impl):
+    """Random shapes, chunk sizes and option combinations, float64, against the reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(
+        n=st.integers(1, 40), d=st.integers(1, 20), v=st.integers(1, 90), chunk=st.one_of(st.none(), st.integers(1, 9)),
+        reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.05, 0.5]),
+        z_loss=st.sampled_from([0.0, 0.02]), softcap=st.sampled_from([None, 0.7, 4.0]), weighted=st.booleans(),
+        bias=st.booleans(), seed=st.integers(0, 2**16),
+    )  # fmt: skip
+    def check(n, d, v, chunk, reduction, smoothing, z_loss, softcap, weighted, bias, seed):
+        x, w, t, b = make_inputs((n,), d, v, seed=seed, bias=bias, ignore_frac=0.2)
+        cw = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.1
+        if weighted and (t != -100).any():
+            opts = {"weight": cw}
+        else:
+            opts = {}
+        check_float64(impl, x, w, t, b, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
+                      softcap=softcap, chunk_size=chunk, **opts)  # fmt: skip
+
+    check()

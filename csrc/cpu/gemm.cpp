@@ -9,8 +9,8 @@
 namespace infofuse::cpu {
 namespace {
 
-using OneDnnMatmul = void (*)(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
-                              float beta, float alpha);
+using OneDnnMatmul = void (*)(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                              float alpha);
 
 // at::native::mkldnn_matmul(const Tensor&, const Tensor&, const Tensor&, float beta, float alpha):
 // result = beta * result + alpha * mat1 @ mat2.
@@ -29,9 +29,8 @@ bool unit_stride(const at::Tensor& t) { return t.stride(1) == 1 || t.stride(0) =
 
 bool use_onednn(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {
   return g_backend.load() == GemmBackend::kAuto && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-         out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 && out.is_contiguous() &&
-         unit_stride(a) && unit_stride(b) && at::globalContext().userEnabledMkldnn() &&
-         find_onednn_matmul() != nullptr;
+         out.scalar_type() == at::kFloat && a.numel() > 0 && b.numel() > 0 && out.is_contiguous() && unit_stride(a) &&
+         unit_stride(b) && at::globalContext().userEnabledMkldnn() && find_onednn_matmul() != nullptr;
 }
 
 }  // namespace

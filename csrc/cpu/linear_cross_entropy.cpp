@@ -37,9 +37,9 @@ struct Options {
 };
 
 struct TargetStats {
-  int64_t n_valid = 0;         // rows whose target is not ignore_index
-  double weight_valid = 0.0;   // Σ over those rows of weight[target] (n_valid without class weights)
-  double weight_all = 0.0;     // Σ_j weight[j] (V without class weights)
+  int64_t n_valid = 0;        // rows whose target is not ignore_index
+  double weight_valid = 0.0;  // Σ over those rows of weight[target] (n_valid without class weights)
+  double weight_all = 0.0;    // Σ_j weight[j] (V without class weights)
 };
 
 void check_args(const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
@@ -48,11 +48,12 @@ void check_args(const at::Tensor& input, const at::Tensor& linear_weight, const 
   TORCH_CHECK_VALUE(input.dim() == 2, "input must be 2-D (N, D), got shape ", input.sizes());
   TORCH_CHECK_VALUE(linear_weight.dim() == 2 && linear_weight.size(1) == input.size(1),
                     "linear_weight must be (V, D) with D = ", input.size(1), ", got shape ", linear_weight.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), "target must be (N,) with N = ",
-                    input.size(0), ", got shape ", target.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
+                    "target must be (N,) with N = ", input.size(0), ", got shape ", target.sizes());
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "target must be int64, got ", target.scalar_type());
-  TORCH_CHECK_TYPE(input.scalar_type() == linear_weight.scalar_type(), "input and linear_weight must share a dtype, got ",
-                   input.scalar_type(), " and ", linear_weight.scalar_type());
+  TORCH_CHECK_TYPE(input.scalar_type() == linear_weight.scalar_type(),
+                   "input and linear_weight must share a dtype, got ", input.scalar_type(), " and ",
+                   linear_weight.scalar_type());
   const int64_t v = linear_weight.size(0);
   if (linear_bias.has_value()) {
     TORCH_CHECK_VALUE(linear_bias->dim() == 1 && linear_bias->size(0) == v, "linear_bias must be (V,) with V = ", v,
@@ -265,9 +266,8 @@ struct GradAccumulator {
 // Runs the chunk loop shared by forward and backward.
 template <typename scalar_t, typename acc_t>
 void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-                const int64_t* target, const acc_t* w, const Options& opt, const TargetStats& stats,
-                int64_t chunk_size, bool forward, acc_t* lse, acc_t* ce, acc_t* zl, GradAccumulator* grads,
-                const RowGradScale<acc_t>& gs) {
+                const int64_t* target, const acc_t* w, const Options& opt, const TargetStats& stats, int64_t chunk_size,
+                bool forward, acc_t* lse, acc_t* ce, acc_t* zl, GradAccumulator* grads, const RowGradScale<acc_t>& gs) {
   const int64_t n = x.size(0), v = linear_weight.size(0);
   if (n == 0) return;
   const int64_t chunk_rows = pick_chunk_rows(n, v, x.element_size(), chunk_size);
@@ -300,14 +300,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor ce = at::empty({n}, acc_opts);
   at::Tensor zl = at::empty({n}, acc_opts);
   at::Tensor loss;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
-                                                        at::empty({0}, linear_weight.options()),
-                                                        at::empty({0}, input.options())};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{
+      at::empty({0}, input.options()), at::empty({0}, linear_weight.options()), at::empty({0}, input.options())};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "infofuse_lce_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor w = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
-                                            : at::Tensor();
+    const at::Tensor w =
+        weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
     const acc_t* w_ptr = w.defined() ? w.data_ptr<acc_t>() : nullptr;
     const TargetStats stats = scan_targets(tgt.data_ptr<int64_t>(), n, v, ignore_index, w_ptr);
 
@@ -377,15 +376,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   }
   const at::Tensor tgt = target.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{at::empty({0}, input.options()),
-                                                        at::empty({0}, linear_weight.options()),
-                                                        at::empty({0}, input.options())};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{
+      at::empty({0}, input.options()), at::empty({0}, linear_weight.options()), at::empty({0}, input.options())};
   if (!(grad_input || grad_weight || (grad_bias && linear_bias.has_value()))) return grads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "infofuse_lce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor w = weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
-                                            : at::Tensor();
+    const at::Tensor w =
+        weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
     const acc_t* w_ptr = w.defined() ? w.data_ptr<acc_t>() : nullptr;
     const TargetStats stats = scan_targets(tgt.data_ptr<int64_t>(), n, v, ignore_index, w_ptr);
     RowGradScale<acc_t> gs;

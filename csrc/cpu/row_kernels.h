@@ -144,8 +144,7 @@ static double row_gap_sum(const double* z, const double* w, index_t v, double m)
   return row_gap_sum_impl(z, w, v, m);
 }
 
-INFOFUSE_CLONES static void row_grad(float* z, const float* w, index_t v, float lse, float a, float c,
-                                     float softcap) {
+INFOFUSE_CLONES static void row_grad(float* z, const float* w, index_t v, float lse, float a, float c, float softcap) {
   row_grad_impl(z, w, v, lse, a, c, softcap);
 }
 static void row_grad(double* z, const double* w, index_t v, double lse, double a, double c, double softcap) {

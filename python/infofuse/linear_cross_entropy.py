@@ -56,7 +56,7 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
     _check_tensor("linear_weight", linear_weight)
     _check_tensor("target", target)
     if input.dim() < 1:
-        raise ValueError(f"input must have shape (..., D), got a 0-dim tensor")
+        raise ValueError("input must have shape (..., D), got a 0-dim tensor")
     if linear_weight.dim() != 2:
         raise ValueError(f"linear_weight must be 2-D (V, D), got shape {tuple(linear_weight.shape)}")
     d, v = input.shape[-1], linear_weight.shape[0]
@@ -93,11 +93,9 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
             raise ValueError("weight (class weights) receives no gradient, as in PyTorch; pass weight.detach()")
     devices = {t.device for t in (input, linear_weight, target, linear_bias, weight) if t is not None}
     if len(devices) > 1:
-        names = ["input", "linear_weight", "target", "linear_bias", "weight"]
-        where = ", ".join(
-            f"{n} on {t.device}" for n, t in zip(names, (input, linear_weight, target, linear_bias, weight))
-            if t is not None
-        )  # fmt: skip
+        named = zip(("input", "linear_weight", "target", "linear_bias", "weight"),
+                    (input, linear_weight, target, linear_bias, weight), strict=True)  # fmt: skip
+        where = ", ".join(f"{n} on {t.device}" for n, t in named if t is not None)
         raise ValueError(f"all tensors must be on one device, got {where}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

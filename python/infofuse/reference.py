@@ -57,7 +57,8 @@ def linear_cross_entropy_reference(
         valid = flat_target != ignore_index
         z_term = z_loss * lse.square() * valid
         if reduction == "mean":
-            loss = loss + z_term.sum() / valid.sum()
+            # clamp: with no valid token the loss is already NaN (PyTorch's 0/0) and the gradients stay 0
+            loss = loss + z_term.sum() / valid.sum().clamp(min=1)
         elif reduction == "sum":
             loss = loss + z_term.sum()
         else:

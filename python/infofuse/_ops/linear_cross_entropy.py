@@ -58,11 +58,7 @@ def _forward_fake(
     grads = reduction != 0 and (grad_input or grad_weight or (grad_bias and linear_bias is not None))
     gi = _empty_like_flag(grads and grad_input, (n, d), input)
     gw = _empty_like_flag(grads and grad_weight, (v, d), linear_weight)
-    gb = (
-        linear_bias.new_empty((v,))
-        if grads and grad_bias and linear_bias is not None
-        else input.new_empty((0,))
-    )
+    gb = linear_bias.new_empty((v,)) if grads and grad_bias and linear_bias is not None else input.new_empty((0,))
     return loss, lse, gi, gw, gb
 
 
@@ -119,7 +115,7 @@ def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
     covered = (not need_input or have[0]) and (not need_weight or have[1]) and (not need_bias or have[2])
     if formed is not None and grad_lse is None and covered:
         in_place = _is_eager(grad_loss, *formed)
-        gi, gw, gb = (_scale_formed(g, grad_loss, in_place) if h else None for g, h in zip(formed, have))
+        gi, gw, gb = (_scale_formed(g, grad_loss, in_place) if h else None for g, h in zip(formed, have, strict=True))
     else:
         p = ctx.params
         if grad_loss is None:
@@ -140,6 +136,4 @@ def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
 if cpp_available():
     torch.library.register_fake("infofuse::linear_cross_entropy_forward")(_forward_fake)
     torch.library.register_fake("infofuse::linear_cross_entropy_backward")(_backward_fake)
-    torch.library.register_autograd(
-        "infofuse::linear_cross_entropy_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("infofuse::linear_cross_entropy_forward", _backward, setup_context=_setup_context)

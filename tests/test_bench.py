@@ -1,0 +1,162 @@
+"""The benchmark harness, run for real on a tiny shape, and its input builders."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import pytest
+import torch
+
+from infofuse.bench import case_names, get_case
+from infofuse.bench.cli import main as bench_main
+from infofuse.bench.cli import parse_options
+from infofuse.bench.harness import plan_peers
+from infofuse.bench.linear_cross_entropy import make_inputs
+
+# ------------------------------------------------------------------------------------------------ input builders
+
+
+def test_gaussian_logits_have_std_4_and_uniform_targets():
+    n, d, v = 2048, 256, 512
+    x, w, t = make_inputs((n, d, v), "gaussian", seed=1)
+    assert x.shape == (n, d) and w.shape == (v, d) and t.shape == (n,)
+    assert t.dtype == torch.int64 and int(t.min()) >= 0 and int(t.max()) < v
+    std = (x @ w.T).std().item()
+    assert abs(std - 4.0) < 0.15, std
+    # uniform targets: every class has some hits, none dominates
+    counts = torch.bincount(t, minlength=v)
+    assert counts.max().item() < 20
+    for tensor in (x, w):
+        assert tensor.count_nonzero().item() == tensor.numel()
+
+
+def test_lm_logits_prior_context_and_targets():
+    n, d, v = 4096, 128, 1000
+    x, w, t = make_inputs((n, d, v), "lm", seed=2)
+    assert torch.all(x[:, 0] == 1)
+    prior = -1.5 * torch.log1p(torch.arange(v, dtype=torch.float32))
+    torch.testing.assert_close(w[:, 0], prior)
+    context_std = (x[:, 1:] @ w[:, 1:].T).std().item()
+    assert abs(context_std - 2.0) < 0.1, context_std
+    assert int(t.min()) >= 0 and int(t.max()) < v
+    # targets follow p_j ∝ (1+j)^-1.5: about 44 % are class 0 at V = 1000
+    p0 = 1.0 / (torch.arange(1, v + 1, dtype=torch.float64) ** -1.5).sum().item()
+    frac0 = (t == 0).double().mean().item()
+    assert abs(frac0 - p0) < 0.03, (frac0, p0)
+    assert t.unique().numel() > 50  # not degenerate
+    assert x.count_nonzero() > 0 and w.count_nonzero() > 0
+
+
+def test_inputs_are_seeded_and_cast():
+    a = make_inputs((64, 32, 100), "gaussian", seed=3)
+    b = make_inputs((64, 32, 100), "gaussian", seed=3)
+    c = make_inputs((64, 32, 100), "gaussian", seed=4)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+    assert not torch.equal(a[0], c[0])
+    x16, w16, t16 = make_inputs((64, 32, 100), "lm", dtype=torch.bfloat16, seed=3)
+    assert x16.dtype == w16.dtype == torch.bfloat16 and t16.dtype == torch.int64
+    with pytest.raises(ValueError, match="unknown logit model"):
+        make_inputs((4, 4, 4), "uniform")
+
+
+def test_case_inputs_require_grad():
+    case = get_case("linear_cross_entropy")
+    inputs = case.make_inputs((16, 8, 32), "gaussian", torch.float32, "cpu", 0)
+    assert [t.requires_grad for t in inputs.leaves] == [True, True]
+    assert len(inputs.leaves) == len(case.grad_labels)
+
+
+# ------------------------------------------------------------------------------------------------ planning and CLI
+
+
+def test_registry_and_cpu_peer_plan():
+    assert "linear_cross_entropy" in case_names()
+    with pytest.raises(KeyError):
+        get_case("no_such_op")
+    case = get_case("linear_cross_entropy")
+    peers, skipped = plan_peers(case, "cpu", torch.float32, ["infofuse", "eager", "cce", "liger"])
+    names = [p.name for p in peers]
+    assert "eager" in names
+    assert "infofuse" in names or "infofuse-reference" in names
+    assert skipped["cce"] == "GPU only" and skipped["liger"] == "GPU only"
+
+
+def test_cli_rejects_unknown_names():
+    with pytest.raises(SystemExit):
+        parse_options(["--peers", "eager,nonesuch", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        parse_options(["--op", "nonesuch", "--device", "cpu"])
+    opts = parse_options(["--quick", "--device", "cpu", "--shape", "32,16,64", "--shape", "8,8,8"])
+    assert opts.shapes == [(32, 16, 64), (8, 8, 8)] and opts.reps == 2
+
+
+def test_main_module_help(capsys):
+    from infofuse.__main__ import main
+
+    assert main(["--help"]) == 0
+    assert "bench" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ a real run
+
+_PEERS = ["infofuse", "infofuse-reference", "eager"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    argv = ["--quick", "--device", "cpu", "--op", "linear_cross_entropy", "--peers", ",".join(_PEERS)]
+    argv += ["--models", "gaussian,lm", "--shape", "128,32,512", "--out", str(out)]
+    assert bench_main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _finite_positive(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_quick_run_rows(quick_run):
+    _, rows = quick_run
+    ran = [r for r in rows if r["status"] == "ok"]
+    # every requested peer runs on CPU (infofuse falls back to its reference if the C++ extension is missing)
+    assert sorted((r["model"], r["peer"]) for r in ran) == sorted((m, p) for m in ("gaussian", "lm") for p in _PEERS)
+    for r in ran:
+        assert r["op"] == "linear_cross_entropy" and r["device"] == "cpu" and r["device_name"]
+        assert r["torch"] == torch.__version__ and r["python"] and r["infofuse"]
+        assert r["shape"] == {"N": 128, "D": 32, "V": 512}
+        assert r["dtype"] == "float32" and r["reduction"] == "mean" and r["ref_dtype"] == "float64"
+        dt.datetime.fromisoformat(r["date"])
+        for key in ("fwd_ms", "bwd_ms", "both_ms"):
+            q = r[key]
+            assert all(_finite_positive(q[k]) for k in ("median", "p20", "p80")), (key, q)
+            assert q["p20"] <= q["median"] <= q["p80"]
+        assert r["peak_mb"] is not None and math.isfinite(r["peak_mb"]), r
+        assert r["both_ratio_to"] == "eager" and _finite_positive(r["both_ratio"])
+        assert set(r["grad_rel_err"]) == {"dX", "dW"}
+        # every peer here computes in float32: close to the float64 truth
+        assert r["loss_rel_err"] < 1e-5, r
+        assert r["grad_rel_err"]["dX"] < 1e-4 and r["grad_rel_err"]["dW"] < 1e-4, r
+    for r in ran:
+        if r["peer"] in ("eager", "infofuse-reference"):
+            # they materialise the N×V float32 logits (256 KiB) and their gradient
+            assert r["peak_mb"] > 0.2, r
+    eager = {r["model"]: r for r in ran if r["peer"] == "eager"}
+    assert eager["gaussian"]["both_ratio"] == 1.0
+    assert eager["gaussian"]["loss_rel_err"] < 1e-6
+
+
+def test_quick_run_appends_and_plots(quick_run, tmp_path):
+    out, rows = quick_run
+    png = out / "linear_cross_entropy.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # results.json is a list that a second run appends to
+    from infofuse.bench.harness import write_json
+
+    copy = tmp_path / "results.json"
+    copy.write_text(json.dumps(rows))
+    write_json(copy, rows[:1])
+    assert len(json.loads(copy.read_text())) == len(rows) + 1
