@@ -145,12 +145,7 @@ def _infofuse_peers(device: str, on_gpu: bool) -> list[Peer]:
             Peer("infofuse-reference", lambda: ref, stands_in_for="infofuse", note="infofuse.reference"),
         ]
 
-    default_note = "impl=None (default for the device)"
-    try:
-        resolved = infofuse.available_impls(device)[0]  # optional helper; only used to label the row
-        default_note = f"impl=None -> {resolved!r}"
-    except Exception:
-        pass
+    default_note = f"impl=None -> {infofuse.available_impls(device)[0]!r}"
 
     def bind(impl):
         return lambda: lambda x, w, t: lce(x, w, t, impl=impl)

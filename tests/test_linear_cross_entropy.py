@@ -512,3 +512,20 @@ def test_fuzz_float64_against_reference(impl):
                       softcap=softcap, chunk_size=chunk, **opts)  # fmt: skip
 
     check()
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="torch.nn.functional.linear_cross_entropy needs torch >= 2.13")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_agrees_with_torch_on_unbatched_input(impl, reduction):
+    """input (D,) with target () — one token, as F.cross_entropy takes unbatched logits."""
+    x, w, _, b = make_inputs((1,), 24, 130, dtype=torch.float32, seed=19)
+    x, t = x[0], torch.tensor(17)
+    xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = F.linear_cross_entropy(xs, w, t, linear_bias=b, reduction=reduction)
+    got = linear_cross_entropy(xo, w, t, linear_bias=b, reduction=reduction, impl=impl)
+    assert got.shape == want.shape == ()
+    assert_close(got, want, rtol=1e-6, atol=1e-6, name="loss")
+    want.backward()
+    got.backward()
+    assert_close(xo.grad, xs.grad, rtol=1e-5, atol=1e-6, name="dx")

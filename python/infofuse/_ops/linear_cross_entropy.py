@@ -97,9 +97,6 @@ def _is_eager(*tensors: torch.Tensor) -> bool:
 
 def _scale_formed(grad: torch.Tensor, scale: torch.Tensor, in_place: bool) -> torch.Tensor:
     if in_place:
-        # On the CPU a grad_output of exactly 1 (the usual loss.backward()) costs nothing to test.
-        if scale.device.type == "cpu" and scale.item() == 1.0:
-            return grad
         return grad.mul_(scale)
     return grad * scale.to(grad.dtype)
 
