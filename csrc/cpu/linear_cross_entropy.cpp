@@ -263,6 +263,31 @@ struct GradAccumulator {
   }
 };
 
+// Class weights in the accumulation dtype (undefined where there are none).
+template <typename acc_t>
+at::Tensor class_weights(const std::optional<at::Tensor>& weight) {
+  return weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
+}
+
+// Gradient multipliers for an upstream gradient `upstream` (one value, stride 0; or one per row, stride 1),
+// with "mean"'s divisors folded in.
+template <typename acc_t>
+RowGradScale<acc_t> grad_scale(const acc_t* upstream, int64_t stride, int64_t reduction, const TargetStats& stats) {
+  RowGradScale<acc_t> gs;
+  gs.ce = upstream;
+  gs.ce_stride = stride;
+  if (reduction == kMean) {
+    gs.ce_scale = static_cast<acc_t>(1.0 / stats.weight_valid);
+    gs.z_scale = static_cast<acc_t>(1.0 / static_cast<double>(stats.n_valid));
+  }
+  return gs;
+}
+
+// The "no gradient" outputs of both ops: empty tensors of the right dtype and device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> no_grads(const at::Tensor& input, const at::Tensor& linear_weight) {
+  return {at::empty({0}, input.options()), at::empty({0}, linear_weight.options()), at::empty({0}, input.options())};
+}
+
 // Runs the chunk loop shared by forward and backward.
 template <typename scalar_t, typename acc_t>
 void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
@@ -300,25 +325,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   at::Tensor ce = at::empty({n}, acc_opts);
   at::Tensor zl = at::empty({n}, acc_opts);
   at::Tensor loss;
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{
-      at::empty({0}, input.options()), at::empty({0}, linear_weight.options()), at::empty({0}, input.options())};
+  auto grads = no_grads(input, linear_weight);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "infofuse_lce_forward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor w =
-        weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
+    const at::Tensor w = class_weights<acc_t>(weight);
     const acc_t* w_ptr = w.defined() ? w.data_ptr<acc_t>() : nullptr;
     const TargetStats stats = scan_targets(tgt.data_ptr<int64_t>(), n, v, ignore_index, w_ptr);
-
     // Gradient of the mean/sum loss for grad_output = 1; backward rescales it.
     const acc_t one = 1;
-    RowGradScale<acc_t> gs;
-    gs.ce = &one;
-    gs.ce_stride = 0;
-    if (reduction == kMean) {
-      gs.ce_scale = static_cast<acc_t>(1.0 / stats.weight_valid);
-      gs.z_scale = static_cast<acc_t>(1.0 / static_cast<double>(stats.n_valid));
-    }
+    const RowGradScale<acc_t> gs = grad_scale(&one, 0, reduction, stats);
     std::optional<GradAccumulator> acc;
     if (want_grads) acc.emplace(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
@@ -376,23 +392,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   }
   const at::Tensor tgt = target.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads{
-      at::empty({0}, input.options()), at::empty({0}, linear_weight.options()), at::empty({0}, input.options())};
+  auto grads = no_grads(input, linear_weight);
   if (!(grad_input || grad_weight || (grad_bias && linear_bias.has_value()))) return grads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "infofuse_lce_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const at::Tensor w =
-        weight.has_value() ? weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
+    const at::Tensor w = class_weights<acc_t>(weight);
     const acc_t* w_ptr = w.defined() ? w.data_ptr<acc_t>() : nullptr;
     const TargetStats stats = scan_targets(tgt.data_ptr<int64_t>(), n, v, ignore_index, w_ptr);
-    RowGradScale<acc_t> gs;
-    gs.ce = g.data_ptr<acc_t>();
-    gs.ce_stride = reduction == kNone ? 1 : 0;
-    if (reduction == kMean) {
-      gs.ce_scale = static_cast<acc_t>(1.0 / stats.weight_valid);
-      gs.z_scale = static_cast<acc_t>(1.0 / static_cast<double>(stats.n_valid));
-    }
+    RowGradScale<acc_t> gs = grad_scale(g.data_ptr<acc_t>(), reduction == kNone ? 1 : 0, reduction, stats);
     gs.lse_grad = g_lse.defined() ? g_lse.data_ptr<acc_t>() : nullptr;
     GradAccumulator acc(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
