@@ -10,7 +10,7 @@ import torch
 import infofuse
 from infofuse import _ext, linear_cross_entropy
 
-IMPLS = ["reference"] + (["cpu"] if infofuse.cpp_available() else [])
+IMPLS = ["reference", "chunked"] + (["cpu"] if infofuse.cpp_available() else [])
 
 
 def good(**over):
@@ -71,7 +71,7 @@ def test_bad_input_is_rejected(impl, name, over, exc, msg):
 
 
 def test_unknown_impl():
-    with pytest.raises(ValueError, match="impl must be None, 'cpu', 'reference'"):
+    with pytest.raises(ValueError, match="impl must be None, 'cpu', 'chunked' or 'reference'"):
         call("triton-ish")
 
 
@@ -107,7 +107,7 @@ def test_missing_extension_is_explained(monkeypatch):
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_LOAD_ERROR", "ImportError: pretend it is missing")
     assert not _ext.cpp_available()
-    assert infofuse.available_impls("cpu") == ("reference",)
+    assert "cpu" not in infofuse.available_impls("cpu") and infofuse.available_impls("cpu")[0] == "reference"
     with pytest.raises(RuntimeError, match="needs the compiled extension infofuse._C.*pretend it is missing"):
         call("cpu")
     monkeypatch.setattr(sys.modules["infofuse.linear_cross_entropy"], "_warned_fallback", set())
@@ -115,3 +115,15 @@ def test_missing_extension_is_explained(monkeypatch):
         loss = call(None)
     assert torch.isfinite(loss)
     assert infofuse.build_info() == {"loaded": False, "error": "ImportError: pretend it is missing"}
+
+
+def test_chunked_rejects_float64():
+    kw = good(input=torch.randn(6, 4, dtype=torch.float64), linear_weight=torch.randn(10, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="impl='chunked' takes float32, bfloat16 or float16 inputs"):
+        call("chunked", **{k: kw[k] for k in ("input", "linear_weight")})
+
+
+def test_chunked_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="impl='chunked' cannot run: the Triton backends need CUDA tensors"):
+        call("chunked")

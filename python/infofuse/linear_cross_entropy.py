@@ -8,32 +8,40 @@ import warnings
 import torch
 
 from . import _ext
+from ._ops import linear_cross_entropy_chunked as _chunked
 from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams
 from .reference import linear_cross_entropy_reference
 
 __all__ = ["linear_cross_entropy", "available_impls"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_CPU_IMPLS = ("cpu", "reference")
-_GPU_IMPLS = ("reference",)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_IMPLS = ("chunked",)
 _warned_fallback: set[str] = set()
 
 
 def available_impls(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """The ``impl=`` values that can run on ``device`` in this installation, the default first."""
+    """The ``impl=`` values that can run on ``device`` in this installation, the default first.
+
+    On CPU tensors the Triton strategies run only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+    """
     device = torch.device(device)
+    triton_ok = _chunked.triton_usable(device) is None
     if device.type == "cpu":
-        return _CPU_IMPLS if _ext.cpp_available() else ("reference",)
-    return _GPU_IMPLS
+        cpp = ("cpu",) if _ext.cpp_available() else ()
+        return (*cpp, "reference", *(_TRITON_IMPLS if triton_ok else ()))
+    return (*(_TRITON_IMPLS if triton_ok else ()), "reference")
 
 
 def _default_impl(device: torch.device) -> str:
     if device.type == "cpu" and _ext.cpp_available():
         return "cpu"
+    if device.type == "cuda" and _chunked.triton_usable(device) is None:
+        return "chunked"
     reason = (
         f"the C++ extension did not load ({_ext.build_info().get('error')})"
         if device.type == "cpu"
-        else f"infofuse has no {device.type} backend yet"
+        else f"no infofuse backend runs on {device.type} here ({_chunked.triton_usable(device)})"
     )
     if device.type not in _warned_fallback and not torch.compiler.is_compiling():
         _warned_fallback.add(device.type)
@@ -111,8 +119,8 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if impl is not None and impl not in ("cpu", "reference", "chunked", "fused"):
-        raise ValueError(f"impl must be None, 'cpu', 'reference', 'chunked' or 'fused', got {impl!r}")
+    if impl is not None and impl not in ("cpu", "chunked", "reference"):
+        raise ValueError(f"impl must be None, 'cpu', 'chunked' or 'reference', got {impl!r}")
     # Target range: a data-dependent check, done here where it is free (CPU tensors, eager). Under
     # torch.compile the C++ kernel checks the same thing before its first GEMM.
     if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
@@ -173,9 +181,12 @@ def linear_cross_entropy(
         softcap: c > 0 replaces the logits by c·tanh(logits / c) (Gemma-2) before everything else.
         return_lse: also return the per-token log-sum-exp of the (softcapped) logits, in ``target``'s shape;
             gradients flow through it too.
-        impl: None picks by device ("cpu" for CPU tensors); "cpu" (C++ over row chunks), "reference"
-            (plain PyTorch, materialises the logits). ``available_impls(device)`` lists what can run.
-        chunk_size: rows of logits held at once by the chunked backends (None: about 32 MiB of logits).
+        impl: None picks by device ("cpu" for CPU tensors, "chunked" for CUDA tensors); "cpu" (C++ over row
+            chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between; CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``; float32/bfloat16/float16), "reference" (plain PyTorch,
+            materialises the logits). ``available_impls(device)`` lists what can run.
+        chunk_size: rows of logits held at once by the chunked backends (None: about 32 MiB of logits on the
+            CPU; on the GPU a quarter of the full logits, at most 1 GiB).
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``target``'s shape for
@@ -203,8 +214,16 @@ def linear_cross_entropy(
             _ext.require_cpp("cpu")
             if device.type != "cpu":
                 raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
-        else:
-            raise NotImplementedError(f"impl={impl!r} (a GPU backend) is not available in this build yet")
+            forward_op = torch.ops.infofuse.linear_cross_entropy_forward
+        elif impl == "chunked":
+            reason = _chunked.triton_usable(device)
+            if reason is not None:
+                raise RuntimeError(f"impl='chunked' cannot run: {reason}")
+            if input.dtype not in _TRITON_DTYPES:
+                raise TypeError(f"impl='chunked' takes float32, bfloat16 or float16 inputs, got {input.dtype}")
+            forward_op = torch.ops.infofuse.linear_cross_entropy_chunked_forward
+        else:  # pragma: no cover - _validate admits no other value
+            raise AssertionError(impl)
 
         params = LCEParams(
             reduction=REDUCTIONS[reduction],
@@ -224,9 +243,7 @@ def linear_cross_entropy(
         t = target.reshape(-1)
         if t.dtype != torch.int64:
             t = t.long()
-        loss, lse, *_ = torch.ops.infofuse.linear_cross_entropy_forward(
-            x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags
-        )
+        loss, lse, *_ = forward_op(x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags)
         if reduction == "none":
             loss = loss.reshape(target.shape)
         if return_lse:

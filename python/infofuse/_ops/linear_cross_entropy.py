@@ -101,7 +101,16 @@ def _scale_formed(grad: torch.Tensor, scale: torch.Tensor, in_place: bool) -> to
     return grad * scale.to(grad.dtype)
 
 
-def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
+def _make_backward(backward_op):
+    """The autograd formula of a forward op whose recompute path is ``backward_op`` (same schema for every backend)."""
+
+    def backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
+        return _backward(backward_op, ctx, grad_loss, grad_lse)
+
+    return backward
+
+
+def _backward(backward_op, ctx, grad_loss, grad_lse):
     input, linear_weight, target, linear_bias, weight, lse = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = linear_bias is not None and ctx.needs_input_grad[3]
@@ -117,7 +126,7 @@ def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
         p = ctx.params
         if grad_loss is None:
             grad_loss = lse.new_zeros(() if p.reduction != 0 else lse.shape)
-        gi, gw, gb = torch.ops.infofuse.linear_cross_entropy_backward(
+        gi, gw, gb = backward_op(
             grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, *p.as_args(),
             need_input, need_weight, need_bias,
         )  # fmt: skip
@@ -130,7 +139,28 @@ def _backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
     )
 
 
-if cpp_available():
-    torch.library.register_fake("infofuse::linear_cross_entropy_forward")(_forward_fake)
-    torch.library.register_fake("infofuse::linear_cross_entropy_backward")(_backward_fake)
-    torch.library.register_autograd("infofuse::linear_cross_entropy_forward", _backward, setup_context=_setup_context)
+# The forward and backward schemas every backend's pair of ops shares ("{name}" is the op's name).
+FORWARD_SCHEMA = (
+    "{name}(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, int reduction, "
+    "int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, bool grad_input, "
+    "bool grad_weight, bool grad_bias) -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, "
+    "Tensor grad_bias)"
+)
+BACKWARD_SCHEMA = (
+    "{name}(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, Tensor target, "
+    "Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, int ignore_index, float label_smoothing, "
+    "float z_loss, float softcap, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
+)
+
+
+def register_pair(forward_name: str, backward_name: str) -> None:
+    """Fake kernels for both ops of a backend and the autograd formula of its forward op."""
+    backward_op = getattr(torch.ops.infofuse, backward_name.split("::")[1]).default
+    torch.library.register_fake(forward_name)(_forward_fake)
+    torch.library.register_fake(backward_name)(_backward_fake)
+    torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+
+
+if cpp_available():  # the C++ extension declares these two (csrc/infofuse.cpp) and implements them for CPU
+    register_pair("infofuse::linear_cross_entropy_forward", "infofuse::linear_cross_entropy_backward")

@@ -1,0 +1,204 @@
+"""The "chunked" linear cross-entropy: library GEMMs over row chunks with one Triton row pass between them.
+
+Per chunk of rows: ``Z = X_c Wᵀ (+ b)`` by ``torch.mm`` (cuBLAS on the GPU) into one reused buffer; the Triton
+row pass (``infofuse.triton_kernels.lce_rows``) reads it once for the lse and every loss term and writes the
+logits' gradient over it; then ``dX_c = G W`` and ``dW += Gᵀ X_c`` by ``torch.mm``/``addmm``. Nothing is read
+back to the host: the reduction's divisors stay on the device. On CPU tensors it runs only under
+``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CI tests it.
+
+Registered as ``infofuse::linear_cross_entropy_chunked_forward`` / ``_backward`` with the schemas, fake kernels
+and autograd formula of the C++ ops (``linear_cross_entropy.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
+
+FORWARD = "infofuse::linear_cross_entropy_chunked_forward"
+BACKWARD = "infofuse::linear_cross_entropy_chunked_backward"
+
+# Default chunk: a quarter of what the full logits would take, at most this many bytes.
+MAX_CHUNK_BYTES = 1 << 30
+# Rows of grad_weight per GEMM when bf16/fp16 chunk contributions are added into a float32 accumulator.
+HALF_GRAD_WEIGHT_BLOCK = 4096
+
+_lib = torch.library.Library("infofuse", "FRAGMENT")
+_lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
+_lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
+
+
+def triton_usable(device: torch.device) -> str | None:
+    """None if the Triton backends can run on ``device``, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not installed ({exc})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None
+    return f"the Triton backends need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+
+
+def _check(device: torch.device) -> None:
+    reason = triton_usable(device)
+    if reason is not None:
+        raise RuntimeError(f"impl='chunked': {reason}")
+
+
+def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int) -> int:
+    if chunk_size > 0:
+        return max(1, min(chunk_size, n))
+    budget = min(MAX_CHUNK_BYTES, max(1, n * v * elem_bytes // 4))
+    return max(1, min(n, budget // max(1, v * elem_bytes)))
+
+
+def _prepare(target, weight, v, ignore_index, reduction, device):
+    """Class weights in float32 and [ce_scale, z_scale, Σ weight] on the device; the target range check."""
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= v))
+    if device.type == "cpu":
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, V) with V = {v} and is not ignore_index")
+    else:
+        torch._assert_async(~bad.any(), "infofuse.linear_cross_entropy: a target is outside [0, V)")
+    n_valid = valid.sum(dtype=torch.float32)
+    if weight is not None:
+        weight = weight.to(device=device, dtype=torch.float32).contiguous()
+        w_valid = torch.where(valid, weight[target.clamp(0, v - 1)], 0.0).sum()
+        w_all = weight.sum()
+    else:
+        w_valid = n_valid
+        w_all = torch.full((), float(v), device=device)
+    if reduction == 1:
+        scales = torch.stack([1.0 / w_valid, 1.0 / n_valid, w_all])
+    else:
+        scales = torch.stack([torch.ones_like(w_all), torch.ones_like(w_all), w_all])
+    return weight, scales.contiguous()
+
+
+def _logits(out, x_chunk, linear_weight, linear_bias):
+    if linear_bias is None:
+        torch.mm(x_chunk, linear_weight.t(), out=out)
+    else:
+        torch.addmm(linear_bias, x_chunk, linear_weight.t(), out=out)
+
+
+class _Grads:
+    """grad_input rows, grad_weight and grad_bias, filled chunk by chunk from dLoss/dlogits."""
+
+    def __init__(self, input, linear_weight, linear_bias, gi, gw, gb):
+        n, d = input.shape
+        v = linear_weight.shape[0]
+        self.gi = input.new_empty((n, d)) if gi else input.new_empty((0,))
+        # grad_weight: chunk contributions are summed in float32. For bf16/fp16 weights that is a float32 (V, D)
+        # accumulator, rounded once at the end: a running sum rounded to bf16 at every chunk is 3x less accurate
+        # than one GEMM over all rows at 50 chunks (tests), the failure Liger #512 reports. It costs V·D·4 bytes;
+        # a design that keeps float32 accuracy without it (V-blocked recompute) is for the GPU measurements.
+        self.gw_out = linear_weight.new_empty((v, d)) if gw else linear_weight.new_empty((0,))
+        half = linear_weight.dtype != torch.float32
+        self.gw = (
+            (torch.zeros((v, d), dtype=torch.float32, device=input.device) if half else self.gw_out.zero_())
+            if gw
+            else None
+        )
+        self.want_bias = gb and linear_bias is not None
+        self.gb = torch.zeros(v, dtype=torch.float32, device=input.device) if self.want_bias else None
+        self.want_input, self.want_weight = gi, gw
+
+    def add(self, g, x_chunk, linear_weight, r0):
+        if self.want_input:
+            torch.mm(g, linear_weight, out=self.gi[r0 : r0 + g.shape[0]])
+        if self.want_weight:
+            if self.gw.dtype == g.dtype:
+                self.gw.addmm_(g.t(), x_chunk)
+            else:  # by blocks of V rows, so that no (V, D) temporary is made per chunk
+                for j0 in range(0, g.shape[1], HALF_GRAD_WEIGHT_BLOCK):
+                    gj = g[:, j0 : j0 + HALF_GRAD_WEIGHT_BLOCK]
+                    self.gw[j0 : j0 + gj.shape[1]] += torch.mm(gj.t(), x_chunk)
+        if self.want_bias:
+            self.gb += g.sum(0, dtype=torch.float32)
+
+    def result(self, input, linear_bias):
+        gb = self.gb.to(linear_bias.dtype) if self.want_bias else input.new_empty((0,))
+        if self.want_weight and self.gw is not self.gw_out:
+            self.gw_out.copy_(self.gw)
+        return self.gi, self.gw_out, gb
+
+
+def _run(input, linear_weight, target, linear_bias, weight, scales, opts, chunk_size, forward, lse, ce, zl,
+         grads, grad=None, lse_grad=None):  # fmt: skip
+    from infofuse.triton_kernels.lce_rows import lce_rows
+
+    n = input.shape[0]
+    v = linear_weight.shape[0]
+    rows = chunk_rows(n, v, input.element_size(), chunk_size)
+    buffer = input.new_empty((rows, v)) if n else None
+    for r0 in range(0, n, rows):
+        x_chunk = input[r0 : r0 + rows]
+        z = buffer[: x_chunk.shape[0]]
+        _logits(z, x_chunk, linear_weight, linear_bias)
+        lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad)
+        lce_rows(z, r0, target, weight, scales, **opts, **lse_rows)
+        if grads is not None:
+            grads.add(z, x_chunk, linear_weight, r0)
+
+
+def _options(ignore_index, label_smoothing, z_loss, softcap):
+    return {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
+
+
+@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=_lib)
+def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+             softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+    _check(input.device)
+    n = input.shape[0]
+    v = linear_weight.shape[0]
+    target = target.contiguous()
+    weight32, scales = _prepare(target, weight, v, ignore_index, reduction, input.device)
+    f32 = {"dtype": torch.float32, "device": input.device}
+    lse, ce, zl = (torch.empty(n, **f32) for _ in range(3))
+    want = reduction != 0 and (grad_input or grad_weight or (grad_bias and linear_bias is not None))
+    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias) if want else None
+    one = torch.ones(1, **f32)
+    _run(input, linear_weight, target, linear_bias, weight32, scales,
+         _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, True, lse, ce, zl, grads,
+         grad=one if want else None)  # fmt: skip
+    if reduction == 0:
+        loss = ce + zl
+    elif reduction == 1:
+        loss = ce.sum() * scales[0]
+        if z_loss != 0.0:
+            loss = loss + zl.sum() * scales[1]
+    else:
+        loss = ce.sum() + zl.sum()
+    if grads is None:
+        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
+    return (loss, lse, *grads.result(input, linear_bias))
+
+
+@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=_lib)
+def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
+              label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+    _check(input.device)
+    v = linear_weight.shape[0]
+    want_bias = grad_bias and linear_bias is not None
+    if not (grad_input or grad_weight or want_bias):
+        return input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
+    target = target.contiguous()
+    weight32, scales = _prepare(target, weight, v, ignore_index, reduction, input.device)
+    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias)
+    g = grad_loss.reshape(-1).to(torch.float32).contiguous()  # also materialises a stride-0 (expanded) grad
+    g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(torch.float32).contiguous()
+    _run(input, linear_weight, target, linear_bias, weight32, scales,
+         _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, False, lse.contiguous(), None, None,
+         grads, grad=g, lse_grad=g_lse)  # fmt: skip
+    return grads.result(input, linear_bias)
+
+
+register_pair(FORWARD, BACKWARD)

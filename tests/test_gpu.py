@@ -1,0 +1,87 @@
+"""GPU tests of the Triton strategies at real sizes (skipped without CUDA; CI has none, the lent GPU runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infofuse
+from infofuse import linear_cross_entropy, linear_cross_entropy_reference
+from tests.utils import assert_close, assert_graded
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_IMPLS = ["chunked"]
+
+
+def _inputs(n, d, v, dtype, seed=0, ignore_frac=0.1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(n, d, device="cuda", generator=g)
+    w = torch.randn(v, d, device="cuda", generator=g) * (4.0 / d**0.5)
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    t[torch.rand(n, device="cuda", generator=g) < ignore_frac] = -100
+    return x.to(dtype), w.to(dtype), t
+
+
+def _loss_and_grads(fn, x, w, t, **kw):
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(xs, ws, t, **kw)
+    loss.backward()
+    return loss.detach(), xs.grad, ws.grad
+
+
+def test_default_impl_on_cuda_is_chunked():
+    assert infofuse.available_impls("cuda")[0] == "chunked"
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk_size", [None, 1000])
+def test_large_shape_graded_against_pytorch(impl, dtype, chunk_size):
+    x, w, t = _inputs(4096, 1024, 32000, dtype)
+    ours = _loss_and_grads(linear_cross_entropy, x, w, t, impl=impl, chunk_size=chunk_size, label_smoothing=0.1)
+    same = _loss_and_grads(linear_cross_entropy_reference, x, w, t, label_smoothing=0.1)
+    truth = _loss_and_grads(
+        linear_cross_entropy_reference, x.double(), w.double(), t, label_smoothing=0.1, compute_dtype=torch.float64
+    )
+    for name, a, b, c in zip(("loss", "dx", "dw"), ours, same, truth, strict=True):
+        assert a.dtype == b.dtype, name
+        assert_graded(a, b, c, name=f"{name} ({dtype}, chunk {chunk_size})", factor=1.5, floor=1e-6)
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_rows_times_vocab_past_int32(impl):
+    """N·V > 2³¹ (no N×V tensor exists): lse and per-token loss of sampled rows against float64."""
+    n, d, v = 70_000, 16, 32_768
+    assert n * v > 2**31
+    x, w, t = _inputs(n, d, v, torch.bfloat16, seed=1, ignore_frac=0.0)
+    loss, lse = linear_cross_entropy(x, w, t, reduction="none", return_lse=True, impl=impl)
+    for r0 in (0, n // 2, n - 256):
+        z = x[r0 : r0 + 256].double() @ w.double().T
+        want_lse = torch.logsumexp(z, 1)
+        want = want_lse - z.gather(1, t[r0 : r0 + 256, None]).squeeze(1)
+        assert_close(lse[r0 : r0 + 256], want_lse, rtol=2e-3, atol=2e-3, name=f"lse rows {r0}+")
+        assert_close(loss[r0 : r0 + 256], want, rtol=2e-3, atol=2e-2, name=f"loss rows {r0}+")
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_memory_stays_near_one_chunk(impl):
+    """Peak memory above inputs and gradients: one chunk of logits plus O(N), not the N×V logits."""
+    n, d, v = 8192, 512, 65536
+    x, w, t = _inputs(n, d, v, torch.float32)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    chunk = 512
+    linear_cross_entropy(xs, ws, t, impl=impl, chunk_size=chunk).backward()  # warm-up (Triton compile)
+    xs.grad = ws.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(xs, ws, t, impl=impl, chunk_size=chunk).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - xs.grad.nbytes - ws.grad.nbytes
+    chunk_bytes = chunk * v * 4
+    assert extra <= 1.25 * chunk_bytes + 64 * n * 4, f"{extra / 2**20:.1f} MiB above inputs and gradients"
+    assert extra < n * v * 4 / 4  # far below the logits themselves

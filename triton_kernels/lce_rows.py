@@ -1,0 +1,155 @@
+"""The row pass of chunked linear cross-entropy: one Triton kernel over a chunk of logits, in place.
+
+For each row of a (rows, V) chunk of logits (the output of a cuBLAS GEMM, in the input dtype) one program reads
+the row once for the online max and sum of exps, the target logit and every loss term (label smoothing, z-loss,
+softcap, class weights), writes the row's lse and loss terms, then writes the gradient of the loss with respect
+to the (pre-softcap) logits over the row:
+
+    g_j = (a·p_j − c·w_j − b·[j = t]) · (softcap ? 1 − (ẑ_j/cap)² : 1),   p_j = exp(ẑ_j − lse)
+
+with a = g_ce·((1−ε)·w_t + ε/V·Σw) + g_z·2λ·lse + g_lse, b = g_ce·(1−ε)·w_t, c = g_ce·ε/V (MATH.md). All
+arithmetic is float32 whatever the logits' dtype. Row offsets are int64 (rows·V can pass 2³¹).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lce_rows"]
+
+
+@triton.jit
+def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        # cap·tanh(z/cap) = cap·(1 − 2/(exp(2z/cap) + 1)): saturates cleanly at ±cap for large |z|
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    return z
+
+
+@triton.jit
+def _lce_rows_kernel(
+    z_ptr, target_ptr, weight_ptr, scale_ptr, grad_ptr, lse_grad_ptr,
+    lse_ptr, ce_ptr, zl_ptr,
+    row0, V, stride_zn, stride_zv, stride_grad,
+    ignore_index, eps, z_loss, softcap,
+    # meta-parameters
+    FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0).to(tl.int64)
+    row = row0 + i
+    weight_all = tl.load(scale_ptr + 2)  # Σ_j w_j (V without class weights)
+    z_row = z_ptr + i * stride_zn
+    t = tl.load(target_ptr + row)
+    valid = t != ignore_index
+    w_t = 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t, mask=valid, other=0.0).to(tl.float32)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    if FORWARD:
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        z_t = tl.zeros((), tl.float32)
+        wz = tl.zeros((BLOCK_V,), tl.float32)  # Σ_j w_j·ẑ_j, lane by lane
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            mask = cols < V
+            z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
+            z = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), 0.0)  # finite everywhere
+            z_max = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z_max, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new), axis=0)
+            m = m_new
+            z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
+            if HAS_WEIGHT:
+                wz += tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) * z
+            else:
+                wz += z
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + row, lse)
+        ce = (1.0 - eps) * w_t * (lse - z_t) + eps / V * (weight_all * lse - tl.sum(wz, axis=0))
+        ce = tl.where(valid, ce, 0.0)
+        tl.store(ce_ptr + row, ce)
+        tl.store(zl_ptr + row, tl.where(valid, z_loss * lse * lse, 0.0))
+    else:
+        lse = tl.load(lse_ptr + row).to(tl.float32)
+
+    if WRITE_GRAD:
+        # upstream gradient times the reduction's divisors; ignored rows take none (and never meet 1/0)
+        g_up = tl.load(grad_ptr + row * stride_grad).to(tl.float32)
+        g_ce = tl.where(valid, g_up * tl.load(scale_ptr), 0.0)
+        g_z = tl.where(valid, g_up * tl.load(scale_ptr + 1), 0.0)
+        a = g_ce * ((1.0 - eps) * w_t + eps / V * weight_all) + g_z * 2.0 * z_loss * lse
+        if HAS_LSE_GRAD:
+            a += tl.load(lse_grad_ptr + row).to(tl.float32)
+        b = g_ce * (1.0 - eps) * w_t
+        c = g_ce * eps / V
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            mask = cols < V
+            z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
+            z = _softcapped(z, softcap, HAS_SOFTCAP)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = 1.0
+            g = a * tl.exp(z - lse) - c * w - tl.where(cols == t, b, 0.0)
+            if HAS_SOFTCAP:
+                u = z / softcap
+                g = g * (1.0 - u * u)
+            tl.store(z_row + cols * stride_zv, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def lce_rows(
+    z: torch.Tensor,
+    row0: int,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    scales: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    lse: torch.Tensor,
+    ce: torch.Tensor | None = None,
+    zl: torch.Tensor | None = None,
+    forward: bool,
+    grad: torch.Tensor | None = None,
+    lse_grad: torch.Tensor | None = None,
+) -> None:
+    """Run the row pass over the chunk ``z`` (rows, V), whose row i is global row ``row0 + i``.
+
+    ``target`` (N,) int64, ``weight`` (V,) float32 or None, ``scales`` float32 [ce_scale, z_scale, Σ weight] on
+    the device (the reduction's divisors and the class-weight total, so that nothing is read back to the host).
+    ``forward``: compute and store ``lse``, ``ce`` and ``zl`` (each (N,) float32; ``ce``/``zl`` unscaled per-row
+    terms); otherwise read ``lse``. With ``grad`` (the upstream gradient: one element, or (N,) per row) the chunk
+    is overwritten by dLoss/dlogits; ``lse_grad`` (N,) adds the gradient flowing into the returned lse.
+    """
+    rows, v = z.shape
+    assert target.dtype == torch.int64 and target.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.is_contiguous()
+    assert scales.dtype == torch.float32 and scales.numel() == 3 and scales.is_contiguous()
+    if rows == 0:
+        return
+    if forward:
+        assert ce is not None and zl is not None
+    if grad is not None:
+        assert grad.dtype == torch.float32
+        stride_grad = 0 if grad.numel() == 1 else grad.stride(0)
+    else:
+        stride_grad = 0
+    dummy = lse
+    block_v = min(4096, triton.next_power_of_2(v)) if z.is_cuda else min(256, triton.next_power_of_2(v))
+    _lce_rows_kernel[(rows,)](
+        z, target, weight if weight is not None else dummy, scales,
+        grad if grad is not None else dummy, lse_grad if lse_grad is not None else dummy,
+        lse, ce if ce is not None else dummy, zl if zl is not None else dummy,
+        row0, v, z.stride(0), z.stride(1), stride_grad,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
+        FORWARD=forward, WRITE_GRAD=grad is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
+        HAS_LSE_GRAD=lse_grad is not None, BLOCK_V=block_v,
+    )  # fmt: skip
