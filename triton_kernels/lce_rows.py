@@ -143,7 +143,10 @@ def lce_rows(
     else:
         stride_grad = 0
     dummy = lse
-    block_v = min(4096, triton.next_power_of_2(v)) if z.is_cuda else min(256, triton.next_power_of_2(v))
+    # One good default per device class (untuned on GPU so far: see bench/NOTES.md); small tiles in the
+    # interpreter, where every tile is a NumPy call.
+    block_v = min(2048, triton.next_power_of_2(v)) if z.is_cuda else min(256, triton.next_power_of_2(v))
+    num_warps = 8 if z.is_cuda else 1
     _lce_rows_kernel[(rows,)](
         z, target, weight if weight is not None else dummy, scales,
         grad if grad is not None else dummy, lse_grad if lse_grad is not None else dummy,
@@ -151,5 +154,5 @@ def lce_rows(
         row0, v, z.stride(0), z.stride(1), stride_grad,
         ignore_index, float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
         FORWARD=forward, WRITE_GRAD=grad is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
-        HAS_LSE_GRAD=lse_grad is not None, BLOCK_V=block_v,
+        HAS_LSE_GRAD=lse_grad is not None, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
