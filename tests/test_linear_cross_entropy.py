@@ -14,7 +14,7 @@ from tests.utils import assert_close, assert_graded, rel_err
 
 pytestmark = pytest.mark.skipif(not infofuse.cpp_available(), reason="needs the C++ extension infofuse._C")
 
-IMPLS = ["cpu", "chunked"]  # the Triton strategy runs under TRITON_INTERPRET=1 here (tests/conftest.py)
+IMPLS = ["cpu", "chunked", "fused"]  # the Triton strategies run under TRITON_INTERPRET=1 here (tests/conftest.py)
 F64_IMPLS = ["cpu"]  # backends that compute float64 inputs in float64; the others are graded in float32
 
 
@@ -388,6 +388,7 @@ def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=
 OP_PAIRS = {  # impl -> (forward op, backward op)
     "cpu": ("linear_cross_entropy_forward", "linear_cross_entropy_backward"),
     "chunked": ("linear_cross_entropy_chunked_forward", "linear_cross_entropy_chunked_backward"),
+    "fused": ("linear_cross_entropy_fused_forward", "linear_cross_entropy_fused_backward"),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 import infofuse
 from infofuse import _ext, linear_cross_entropy
 
-IMPLS = ["reference", "chunked"] + (["cpu"] if infofuse.cpp_available() else [])
+IMPLS = ["reference", "chunked", "fused"] + (["cpu"] if infofuse.cpp_available() else [])
 
 
 def good(**over):
@@ -71,7 +71,7 @@ def test_bad_input_is_rejected(impl, name, over, exc, msg):
 
 
 def test_unknown_impl():
-    with pytest.raises(ValueError, match="impl must be None, 'cpu', 'chunked' or 'reference'"):
+    with pytest.raises(ValueError, match="impl must be None, 'cpu', 'chunked', 'fused' or 'reference'"):
         call("triton-ish")
 
 

@@ -8,7 +8,9 @@ import warnings
 import torch
 
 from . import _ext
-from ._ops import linear_cross_entropy_chunked as _chunked
+from ._ops import _triton_common
+from ._ops import linear_cross_entropy_chunked as _chunked  # noqa: F401 (registers the chunked ops)
+from ._ops import linear_cross_entropy_fused as _fused  # noqa: F401 (registers the fused ops)
 from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams
 from .reference import linear_cross_entropy_reference
 
@@ -16,7 +18,7 @@ __all__ = ["linear_cross_entropy", "available_impls"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TRITON_IMPLS = ("chunked",)
+_TRITON_IMPLS = ("chunked", "fused")
 _warned_fallback: set[str] = set()
 
 
@@ -26,7 +28,7 @@ def available_impls(device: torch.device | str = "cpu") -> tuple[str, ...]:
     On CPU tensors the Triton strategies run only under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
     """
     device = torch.device(device)
-    triton_ok = _chunked.triton_usable(device) is None
+    triton_ok = _triton_common.triton_usable(device) is None
     if device.type == "cpu":
         cpp = ("cpu",) if _ext.cpp_available() else ()
         return (*cpp, "reference", *(_TRITON_IMPLS if triton_ok else ()))
@@ -36,12 +38,12 @@ def available_impls(device: torch.device | str = "cpu") -> tuple[str, ...]:
 def _default_impl(device: torch.device) -> str:
     if device.type == "cpu" and _ext.cpp_available():
         return "cpu"
-    if device.type == "cuda" and _chunked.triton_usable(device) is None:
+    if device.type == "cuda" and _triton_common.triton_usable(device) is None:
         return "chunked"
     reason = (
         f"the C++ extension did not load ({_ext.build_info().get('error')})"
         if device.type == "cpu"
-        else f"no infofuse backend runs on {device.type} here ({_chunked.triton_usable(device)})"
+        else f"no infofuse backend runs on {device.type} here ({_triton_common.triton_usable(device)})"
     )
     if device.type not in _warned_fallback and not torch.compiler.is_compiling():
         _warned_fallback.add(device.type)
@@ -119,8 +121,8 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    if impl is not None and impl not in ("cpu", "chunked", "reference"):
-        raise ValueError(f"impl must be None, 'cpu', 'chunked' or 'reference', got {impl!r}")
+    if impl is not None and impl not in ("cpu", "chunked", "fused", "reference"):
+        raise ValueError(f"impl must be None, 'cpu', 'chunked', 'fused' or 'reference', got {impl!r}")
     # Target range: a data-dependent check, done here where it is free (CPU tensors, eager). Under
     # torch.compile the C++ kernel checks the same thing before its first GEMM.
     if target.device.type == "cpu" and target.numel() and not torch.compiler.is_compiling():
@@ -182,9 +184,10 @@ def linear_cross_entropy(
         return_lse: also return the per-token log-sum-exp of the (softcapped) logits, in ``target``'s shape;
             gradients flow through it too.
         impl: None picks by device ("cpu" for CPU tensors, "chunked" for CUDA tensors); "cpu" (C++ over row
-            chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between; CUDA, or CPU
-            tensors under ``TRITON_INTERPRET=1``; float32/bfloat16/float16), "reference" (plain PyTorch,
-            materialises the logits). ``available_impls(device)`` lists what can run.
+            chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between), "fused" (Triton
+            kernels that never write logits to memory; float32 atomics, so reproducible only to rounding) — both
+            on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``, for float32/bfloat16/float16 — and
+            "reference" (plain PyTorch, materialises the logits). ``available_impls(device)`` lists what runs.
         chunk_size: rows of logits held at once by the chunked backends (None: about 32 MiB of logits on the
             CPU; on the GPU a quarter of the full logits, at most 1 GiB).
 
@@ -215,13 +218,13 @@ def linear_cross_entropy(
             if device.type != "cpu":
                 raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
             forward_op = torch.ops.infofuse.linear_cross_entropy_forward
-        elif impl == "chunked":
-            reason = _chunked.triton_usable(device)
+        elif impl in _TRITON_IMPLS:
+            reason = _triton_common.triton_usable(device)
             if reason is not None:
-                raise RuntimeError(f"impl='chunked' cannot run: {reason}")
+                raise RuntimeError(f"impl={impl!r} cannot run: {reason}")
             if input.dtype not in _TRITON_DTYPES:
-                raise TypeError(f"impl='chunked' takes float32, bfloat16 or float16 inputs, got {input.dtype}")
-            forward_op = torch.ops.infofuse.linear_cross_entropy_chunked_forward
+                raise TypeError(f"impl={impl!r} takes float32, bfloat16 or float16 inputs, got {input.dtype}")
+            forward_op = getattr(torch.ops.infofuse, f"linear_cross_entropy_{impl}_forward")
         else:  # pragma: no cover - _validate admits no other value
             raise AssertionError(impl)
 

@@ -12,10 +12,9 @@ and autograd formula of the C++ ops (``linear_cross_entropy.py``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._triton_common import check_triton_input, prepare, triton_usable  # noqa: F401 (triton_usable re-exported)
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_chunked_forward"
@@ -31,55 +30,11 @@ _lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
 _lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
 
 
-def triton_usable(device: torch.device) -> str | None:
-    """None if the Triton backends can run on ``device``, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"Triton is not installed ({exc})"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return None
-    return f"the Triton backends need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
-
-
-def _check(device: torch.device) -> None:
-    reason = triton_usable(device)
-    if reason is not None:
-        raise RuntimeError(f"impl='chunked': {reason}")
-
-
 def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int) -> int:
     if chunk_size > 0:
         return max(1, min(chunk_size, n))
     budget = min(MAX_CHUNK_BYTES, max(1, n * v * elem_bytes // 4))
     return max(1, min(n, budget // max(1, v * elem_bytes)))
-
-
-def _prepare(target, weight, v, ignore_index, reduction, device):
-    """Class weights in float32 and [ce_scale, z_scale, Σ weight] on the device; the target range check."""
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= v))
-    if device.type == "cpu":
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, V) with V = {v} and is not ignore_index")
-    else:
-        torch._assert_async(~bad.any(), "infofuse.linear_cross_entropy: a target is outside [0, V)")
-    n_valid = valid.sum(dtype=torch.float32)
-    if weight is not None:
-        weight = weight.to(device=device, dtype=torch.float32).contiguous()
-        w_valid = torch.where(valid, weight[target.clamp(0, v - 1)], 0.0).sum()
-        w_all = weight.sum()
-    else:
-        w_valid = n_valid
-        w_all = torch.full((), float(v), device=device)
-    if reduction == 1:
-        scales = torch.stack([1.0 / w_valid, 1.0 / n_valid, w_all])
-    else:
-        scales = torch.stack([torch.ones_like(w_all), torch.ones_like(w_all), w_all])
-    return weight, scales.contiguous()
 
 
 def _logits(out, x_chunk, linear_weight, linear_bias):
@@ -156,11 +111,11 @@ def _options(ignore_index, label_smoothing, z_loss, softcap):
 @torch.library.impl(FORWARD, ("cpu", "cuda"), lib=_lib)
 def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
              softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
-    _check(input.device)
+    check_triton_input(input, "chunked")
     n = input.shape[0]
     v = linear_weight.shape[0]
     target = target.contiguous()
-    weight32, scales = _prepare(target, weight, v, ignore_index, reduction, input.device)
+    weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
     f32 = {"dtype": torch.float32, "device": input.device}
     lse, ce, zl = (torch.empty(n, **f32) for _ in range(3))
     want = reduction != 0 and (grad_input or grad_weight or (grad_bias and linear_bias is not None))
@@ -185,13 +140,13 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
 @torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=_lib)
 def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
               label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
-    _check(input.device)
+    check_triton_input(input, "chunked")
     v = linear_weight.shape[0]
     want_bias = grad_bias and linear_bias is not None
     if not (grad_input or grad_weight or want_bias):
         return input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     target = target.contiguous()
-    weight32, scales = _prepare(target, weight, v, ignore_index, reduction, input.device)
+    weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias)
     g = grad_loss.reshape(-1).to(torch.float32).contiguous()  # also materialises a stride-0 (expanded) grad
     g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(torch.float32).contiguous()

@@ -1,0 +1,113 @@
+"""The "fused" linear cross-entropy: Triton kernels that never hold a logit in memory (triton_kernels/lce_fused.py).
+
+Forward: the fused lse kernel over vocabulary slices, then O(N) merges in PyTorch. Backward: per-row gradient
+coefficients (O(N), PyTorch), then one kernel that recomputes logit tiles and adds into float32 grad_input /
+grad_weight accumulators with atomics. For "mean"/"sum" with gradients wanted, the forward op runs the backward
+kernel at once (recomputing costs the same in forward as in backward) and the shared autograd formula scales the
+result by ``grad_output``.
+
+Registered as ``infofuse::linear_cross_entropy_fused_forward`` / ``_backward`` with the shared schemas, fake
+kernels and autograd formula (``linear_cross_entropy.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_common import check_triton_input, prepare
+from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
+
+FORWARD = "infofuse::linear_cross_entropy_fused_forward"
+BACKWARD = "infofuse::linear_cross_entropy_fused_backward"
+
+_lib = torch.library.Library("infofuse", "FRAGMENT")
+_lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
+_lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
+
+
+def _target_weight(target, weight32, valid, v):
+    """weight[target] per row (1 without class weights), 0 at ignored rows."""
+    if weight32 is None:
+        return valid.to(torch.float32)
+    return torch.where(valid, weight32[target.clamp(0, v - 1)], 0.0)
+
+
+def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, grad_up, grad_lse, ignore_index,
+           label_smoothing, z_loss, softcap, want_dx, want_dw, want_db):  # fmt: skip
+    from infofuse.triton_kernels.lce_fused import lce_fused_grads
+
+    v = linear_weight.shape[0]
+    valid = target != ignore_index
+    w_t = _target_weight(target, weight32, valid, v)
+    g_up = grad_up.to(torch.float32).reshape(-1)
+    # ignored rows take no loss gradient (and never meet "mean"'s 1/0 divisor when every row is ignored)
+    g_ce = torch.where(valid, g_up * scales[0], 0.0)
+    g_z = torch.where(valid, g_up * scales[1], 0.0)
+    eps_v = label_smoothing / v
+    a = g_ce * ((1.0 - label_smoothing) * w_t + eps_v * scales[2]) + g_z * (2.0 * z_loss) * lse
+    if grad_lse is not None:
+        a = a + grad_lse.to(torch.float32).reshape(-1)
+    b = g_ce * (1.0 - label_smoothing) * w_t
+    c = g_ce * eps_v
+    n = input.shape[0]
+    a, b, c = (t.expand(n).contiguous() for t in (a, b, c))
+    dx, dw, db = lce_fused_grads(input, linear_weight, linear_bias, target, weight32, softcap, lse, a, b, c,
+                                 want_dx=want_dx, want_dw=want_dw, want_db=want_db)  # fmt: skip
+    gi = dx.to(input.dtype) if want_dx else input.new_empty((0,))
+    gw = dw.to(linear_weight.dtype) if want_dw else linear_weight.new_empty((0,))
+    gb = db.to(linear_bias.dtype) if want_db else input.new_empty((0,))
+    return gi, gw, gb
+
+
+@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=_lib)
+def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+             softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+    from infofuse.triton_kernels.lce_fused import lce_fused_partials
+
+    check_triton_input(input, "fused")
+    n, v = input.shape[0], linear_weight.shape[0]
+    target = target.contiguous()
+    weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
+    if n:
+        m, s, zt, wz = lce_fused_partials(input, linear_weight, linear_bias, target, weight32, softcap)
+        top = m.max(0).values
+        lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+        zt, wz = zt.sum(0), wz.sum(0)
+    else:
+        lse = zt = wz = torch.zeros(0, dtype=torch.float32, device=input.device)
+    valid = target != ignore_index
+    w_t = _target_weight(target, weight32, valid, v)
+    eps = label_smoothing
+    ce = torch.where(valid, (1.0 - eps) * w_t * (lse - zt) + eps / v * (scales[2] * lse - wz), 0.0)
+    zl = torch.where(valid, z_loss * lse * lse, 0.0)
+    if reduction == 0:
+        loss = ce + zl
+    elif reduction == 1:
+        loss = ce.sum() * scales[0]
+        if z_loss != 0.0:
+            loss = loss + zl.sum() * scales[1]
+    else:
+        loss = ce.sum() + zl.sum()
+    want_db = grad_bias and linear_bias is not None
+    if reduction == 0 or not (grad_input or grad_weight or want_db):
+        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
+    one = torch.ones((), dtype=torch.float32, device=input.device)
+    grads = _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, one, None, ignore_index,
+                   label_smoothing, z_loss, softcap, grad_input, grad_weight, want_db)  # fmt: skip
+    return (loss, lse, *grads)
+
+
+@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=_lib)
+def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
+              label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+    check_triton_input(input, "fused")
+    want_db = grad_bias and linear_bias is not None
+    if not (grad_input or grad_weight or want_db):
+        return input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
+    target = target.contiguous()
+    weight32, scales = prepare(target, weight, linear_weight.shape[0], ignore_index, reduction, input.device)
+    return _grads(input, linear_weight, target, linear_bias, weight32, scales, lse.contiguous(), grad_loss, grad_lse,
+                  ignore_index, label_smoothing, z_loss, softcap, grad_input, grad_weight, want_db)  # fmt: skip
+
+
+register_pair(FORWARD, BACKWARD)

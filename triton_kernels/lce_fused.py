@@ -1,0 +1,221 @@
+"""Fused linear cross-entropy: Triton kernels that never write a logit to memory.
+
+Forward (``lce_fused_partials``): each program takes BLOCK_N rows and one slice of the vocabulary, computes logit
+tiles ``X_blk · W_tileᵀ (+ b)`` with ``tl.dot`` (float32 accumulation; float32 inputs in IEEE precision, never
+TF32), and keeps per row an online max and sum of exps, the target logit and Σ_j w_j·ẑ_j. The slices' partial
+states are merged afterwards (MATH.md, online log-sum-exp): O(N) floats out per slice.
+
+Backward (``lce_fused_grads``): each program recomputes one (BLOCK_N × BLOCK_V) logit tile, forms the gradient
+tile ``g = (a·p − c·w − b·[j = t])·softcap′`` from per-row coefficients, and adds ``g·W_tile`` into grad_input
+and ``gᵀ·X_blk`` into grad_weight with float32 atomics, BLOCK_D columns at a time. The order of the atomic adds
+varies from run to run, so results are reproducible only to float32 rounding.
+
+Row and column offsets are int64: N·D, V·D and N·V may pass 2³¹.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lce_fused_grads", "lce_fused_partials"]
+
+
+@triton.jit
+def _logit_tile(
+    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        if DOT_F32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    return z
+
+
+@triton.jit
+def _lce_fused_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr,
+    m_ptr, s_ptr, zt_ptr, wz_ptr,
+    N, V, D, v_per_split,
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    wz = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < v_end
+        z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
+                        stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+        z = tl.where(col_mask[None, :], _softcapped(z, softcap, HAS_SOFTCAP), 0.0)
+        z_max = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_max, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
+        m = m_new
+        zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), axis=1)
+        if HAS_WEIGHT:
+            w_col = tl.load(weight_ptr + cols, mask=col_mask, other=0.0)
+            wz += tl.sum(z * w_col[None, :], axis=1)
+        else:
+            wz += tl.sum(z, axis=1)
+    out = split * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(zt_ptr + out, zt, mask=row_mask)
+    tl.store(wz_ptr + out, wz, mask=row_mask)
+
+
+@triton.jit
+def _lce_fused_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
+    dx_ptr, dw_ptr, db_ptr,
+    N, V, D,
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < V
+    z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
+                    stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+    z = _softcapped(z, softcap, HAS_SOFTCAP)
+    t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
+    b = tl.load(b_coef_ptr + rows, mask=row_mask, other=0.0)
+    c = tl.load(c_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_WEIGHT:
+        w_col = tl.load(weight_ptr + cols, mask=col_mask, other=0.0)
+    else:
+        w_col = tl.full((BLOCK_V,), 1.0, tl.float32)
+    g = a[:, None] * tl.exp(z - lse[:, None]) - c[:, None] * w_col[None, :]
+    g -= tl.where(cols[None, :] == t[:, None], b[:, None], 0.0)
+    if HAS_SOFTCAP:
+        u = z / softcap
+        g = g * (1.0 - u * u)
+    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    if WANT_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+    # the input dtype, as PyTorch's own backward multiplies (float32 where the dot cannot take it, see DOT_F32)
+    g_in = g if DOT_F32 else g.to(x_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        if WANT_DX:
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+            if DOT_F32:
+                w = w.to(tl.float32)
+            if IEEE:
+                dx = tl.dot(g_in, w, input_precision="ieee")
+            else:
+                dx = tl.dot(g_in, w)
+            tl.atomic_add(dx_ptr + rows[:, None] * D + ds[None, :], dx, mask=row_mask[:, None] & d_mask[None, :])
+        if WANT_DW:
+            x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+            if DOT_F32:
+                x = x.to(tl.float32)
+            if IEEE:
+                dw = tl.dot(tl.trans(g_in), x, input_precision="ieee")
+            else:
+                dw = tl.dot(tl.trans(g_in), x)
+            tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+
+
+def _blocks(x: torch.Tensor) -> dict:
+    if x.is_cuda:  # one default per device class; untuned (bench/NOTES.md)
+        return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "DOT_F32": False, "num_warps": 8, "num_stages": 3}
+    # Triton's interpreter: large tiles (fewer NumPy calls); its tl.dot mishandles bf16/fp16 operands (Triton
+    # 3.9 returned garbage), so the tiles are upcast to float32 there.
+    return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "DOT_F32": x.dtype != torch.float32}
+
+
+def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None = None):
+    """Per-slice online states ``(m, s, zt, wz)``, each (splits, N) float32, over vocabulary slices.
+
+    Merge with ``lse = M + log Σ s·exp(m − M)``, ``zt = Σ zt``, ``wz = Σ wz`` over slices.
+    """
+    n, d = x.shape
+    v = w.shape[0]
+    meta = _blocks(x)
+    if splits is None:
+        row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+        target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        splits = max(1, min(triton.cdiv(v, meta["BLOCK_V"]), triton.cdiv(target_programs, max(1, row_blocks))))
+    v_per_split = triton.cdiv(triton.cdiv(v, splits), meta["BLOCK_V"]) * meta["BLOCK_V"]
+    splits = triton.cdiv(v, v_per_split)  # every slice holds at least one column
+    out = [torch.empty((splits, n), dtype=torch.float32, device=x.device) for _ in range(4)]
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), splits)
+    _lce_fused_fwd_kernel[grid](
+        x, w, b if b is not None else x, target, weight if weight is not None else x,
+        *out, n, v, d, v_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        float(softcap) if softcap else 1.0,
+        HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
+        IEEE=x.dtype == torch.float32, **meta,
+    )  # fmt: skip
+    return out
+
+
+def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db):
+    """float32 (grad_input, grad_weight, grad_bias) accumulators (None where not wanted) from per-row coefficients."""
+    n, d = x.shape
+    v = w.shape[0]
+    meta = _blocks(x)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    dx = torch.zeros((n, d), **f32) if want_dx else None
+    dw = torch.zeros((v, d), **f32) if want_dw else None
+    db = torch.zeros((v,), **f32) if want_db else None
+    if n == 0:
+        return dx, dw, db
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))
+    _lce_fused_bwd_kernel[grid](
+        x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b, coef_c,
+        dx if dx is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
+        n, v, d, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(softcap) if softcap else 1.0,
+        HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
+        IEEE=x.dtype == torch.float32, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, **meta,
+    )  # fmt: skip
+    return dx, dw, db
