@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_common import check_triton_input, prepare, triton_usable  # noqa: F401 (triton_usable re-exported)
+from ._triton_common import check_triton_input, prepare
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_chunked_forward"
