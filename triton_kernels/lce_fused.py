@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import softcapped
+
 __all__ = ["lce_fused_grads", "lce_fused_partials"]
 
 
@@ -49,13 +51,6 @@ def _logit_tile(
 
 
 @triton.jit
-def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
-    if HAS_SOFTCAP:
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    return z
-
-
-@triton.jit
 def _lce_fused_fwd_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr,
     m_ptr, s_ptr, zt_ptr, wz_ptr,
@@ -82,7 +77,7 @@ def _lce_fused_fwd_kernel(
         col_mask = cols < v_end
         z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
                         stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-        z = tl.where(col_mask[None, :], _softcapped(z, softcap, HAS_SOFTCAP), 0.0)
+        z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_max, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
@@ -120,7 +115,7 @@ def _lce_fused_bwd_kernel(
     col_mask = cols < V
     z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
                     stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-    z = _softcapped(z, softcap, HAS_SOFTCAP)
+    z = softcapped(z, softcap, HAS_SOFTCAP)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)

@@ -17,15 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import softcapped
+
 __all__ = ["lce_rows"]
-
-
-@triton.jit
-def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
-    if HAS_SOFTCAP:
-        # cap·tanh(z/cap) = cap·(1 − 2/(exp(2z/cap) + 1)): saturates cleanly at ±cap for large |z|
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    return z
 
 
 @triton.jit
@@ -58,7 +52,7 @@ def _lce_rows_kernel(
             cols = v0 + cols0
             mask = cols < V
             z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, _softcapped(z, softcap, HAS_SOFTCAP), 0.0)  # finite everywhere
+            z = tl.where(mask, softcapped(z, softcap, HAS_SOFTCAP), 0.0)  # finite everywhere
             z_max = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z_max, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new), axis=0)
@@ -91,7 +85,7 @@ def _lce_rows_kernel(
             cols = v0 + cols0
             mask = cols < V
             z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = _softcapped(z, softcap, HAS_SOFTCAP)
+            z = softcapped(z, softcap, HAS_SOFTCAP)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:

@@ -52,3 +52,13 @@ def prepare(target, weight, v, ignore_index, reduction, device):
     else:
         scales = torch.stack([torch.ones_like(w_all), torch.ones_like(w_all), w_all])
     return weight, scales.contiguous()
+
+
+def reduce_loss(ce: torch.Tensor, zl: torch.Tensor, scales: torch.Tensor, reduction: int, z_loss: float):
+    """The returned loss from the per-row cross-entropy and z-loss terms (``scales`` from ``prepare``)."""
+    if reduction == 0:
+        return ce + zl
+    if reduction == 1:
+        loss = ce.sum() * scales[0]
+        return loss + zl.sum() * scales[1] if z_loss != 0.0 else loss
+    return ce.sum() + zl.sum()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_common import check_triton_input, prepare
+from ._triton_common import check_triton_input, prepare, reduce_loss
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_chunked_forward"
@@ -124,14 +124,7 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     _run(input, linear_weight, target, linear_bias, weight32, scales,
          _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, True, lse, ce, zl, grads,
          grad=one if want else None)  # fmt: skip
-    if reduction == 0:
-        loss = ce + zl
-    elif reduction == 1:
-        loss = ce.sum() * scales[0]
-        if z_loss != 0.0:
-            loss = loss + zl.sum() * scales[1]
-    else:
-        loss = ce.sum() + zl.sum()
+    loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     if grads is None:
         return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     return (loss, lse, *grads.result(input, linear_bias))

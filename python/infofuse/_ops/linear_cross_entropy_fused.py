@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_common import check_triton_input, prepare
+from ._triton_common import check_triton_input, prepare, reduce_loss
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_fused_forward"
@@ -80,14 +80,7 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     eps = label_smoothing
     ce = torch.where(valid, (1.0 - eps) * w_t * (lse - zt) + eps / v * (scales[2] * lse - wz), 0.0)
     zl = torch.where(valid, z_loss * lse * lse, 0.0)
-    if reduction == 0:
-        loss = ce + zl
-    elif reduction == 1:
-        loss = ce.sum() * scales[0]
-        if z_loss != 0.0:
-            loss = loss + zl.sum() * scales[1]
-    else:
-        loss = ce.sum() + zl.sum()
+    loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     want_db = grad_bias and linear_bias is not None
     if reduction == 0 or not (grad_input or grad_weight or want_db):
         return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
