@@ -593,3 +593,24 @@ def test_agrees_with_torch_on_unbatched_input(impl, reduction):
     want.backward()
     got.backward()
     assert_close(xo.grad, xs.grad, rtol=1e-5, atol=1e-6, name="dx")
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("option_set", ["plain", "everything", "noncontiguous"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_deterministic_mode(deterministic, option_set, reduction):
+    """torch.use_deterministic_algorithms(True): the fused backward without atomics, graded like the default."""
+    make_kw, opts = _options(option_set, 507, seed=20)
+    x, w, t, b = make_inputs((252,), 123, 507, seed=20, **make_kw)
+    first, _ = check_impl("fused", x, w, t, b, reduction=reduction, **opts)
+    again = run(linear_cross_entropy, x.float(), w.float(), t, b.float(), impl="fused", reduction=reduction,
+                **{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})  # fmt: skip
+    for key in ("dx", "dw", "db"):
+        assert torch.equal(first[key], again[key]), f"{key} differs between two deterministic runs"

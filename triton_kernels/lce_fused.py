@@ -96,23 +96,13 @@ def _lce_fused_fwd_kernel(
 
 
 @triton.jit
-def _lce_fused_bwd_kernel(
+def _grad_tile(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
-    dx_ptr, dw_ptr, db_ptr,
-    N, V, D,
-    stride_xn, stride_xd, stride_wv, stride_wd,
-    softcap,
-    # meta-parameters
+    rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    row_mask = rows < N
-    col_mask = cols < V
+    """dLoss/dlogits on one (BLOCK_N × BLOCK_V) tile, recomputed from the logits; 0 outside the masks."""
     z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
                     stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
     z = softcapped(z, softcap, HAS_SOFTCAP)
@@ -130,7 +120,46 @@ def _lce_fused_bwd_kernel(
     if HAS_SOFTCAP:
         u = z / softcap
         g = g * (1.0 - u * u)
-    g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+    return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+
+
+@triton.jit
+def _dot_block(a, b_ptr, b_rows, b_mask, ds, d_mask, stride_r, stride_d, TRANS_A: tl.constexpr,
+               IEEE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """a·B[b_rows, ds] (or aᵀ·B with TRANS_A), float32 out; B's tile is read in its own dtype."""
+    blk = tl.load(b_ptr + b_rows[:, None] * stride_r + ds[None, :] * stride_d,
+                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    if DOT_F32:
+        blk = blk.to(tl.float32)
+    if TRANS_A:
+        a = tl.trans(a)
+    if IEEE:
+        return tl.dot(a, blk, input_precision="ieee")
+    return tl.dot(a, blk)
+
+
+@triton.jit
+def _lce_fused_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
+    dx_ptr, dw_ptr, db_ptr,
+    N, V, D,
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (row block, vocabulary block) tile; float32 atomics into dX, dW and db."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    row_mask = rows < N
+    col_mask = cols < V
+    g = _grad_tile(x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr, rows, cols,
+                   row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, HAS_BIAS, HAS_WEIGHT,
+                   HAS_SOFTCAP, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
     if WANT_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
     # the input dtype, as PyTorch's own backward multiplies (float32 where the dot cannot take it, see DOT_F32)
@@ -139,25 +168,65 @@ def _lce_fused_bwd_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
         if WANT_DX:
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                        mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-            if DOT_F32:
-                w = w.to(tl.float32)
-            if IEEE:
-                dx = tl.dot(g_in, w, input_precision="ieee")
-            else:
-                dx = tl.dot(g_in, w)
+            dx = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE, DOT_F32)
             tl.atomic_add(dx_ptr + rows[:, None] * D + ds[None, :], dx, mask=row_mask[:, None] & d_mask[None, :])
         if WANT_DW:
-            x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-            if DOT_F32:
-                x = x.to(tl.float32)
-            if IEEE:
-                dw = tl.dot(tl.trans(g_in), x, input_precision="ieee")
-            else:
-                dw = tl.dot(tl.trans(g_in), x)
+            dw = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE, DOT_F32)
             tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _lce_fused_bwd_owner_kernel(
+    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
+    out_ptr, db_ptr,
+    N, V, D,
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+    OWN_ROWS: tl.constexpr, WANT_OUT: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Deterministic backward: each program owns a block of output rows and adds into it in a fixed order.
+
+    OWN_ROWS: the program owns BLOCK_N rows of dX and walks the vocabulary; else it owns BLOCK_V rows of dW (and
+    db) and walks the rows. Plain loads and stores, no atomics; the logits are recomputed by both launches.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    if OWN_ROWS:
+        n_inner = tl.cdiv(V, BLOCK_V)
+    else:
+        n_inner = tl.cdiv(N, BLOCK_N)
+    for k in range(0, n_inner):
+        if OWN_ROWS:
+            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = k * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        else:
+            rows = k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            cols = pid * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        row_mask = rows < N
+        col_mask = cols < V
+        g = _grad_tile(x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr, rows, cols,
+                       row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, HAS_BIAS,
+                       HAS_WEIGHT, HAS_SOFTCAP, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+        if not OWN_ROWS and WANT_DB:
+            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + tl.sum(g, axis=0),
+                     mask=col_mask)  # fmt: skip
+        g_in = g if DOT_F32 else g.to(x_ptr.dtype.element_ty)
+        for d0 in range(0, D if WANT_OUT else 0, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            if OWN_ROWS:
+                part = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
+                                  DOT_F32)  # fmt: skip
+                ptrs = out_ptr + rows[:, None] * D + ds[None, :]
+                mask = row_mask[:, None] & d_mask[None, :]
+            else:
+                part = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
+                                  DOT_F32)  # fmt: skip
+                ptrs = out_ptr + cols[:, None] * D + ds[None, :]
+                mask = col_mask[:, None] & d_mask[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + part, mask=mask)
 
 
 def _blocks(x: torch.Tensor) -> dict:
@@ -194,8 +263,14 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
     return out
 
 
-def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db):
-    """float32 (grad_input, grad_weight, grad_bias) accumulators (None where not wanted) from per-row coefficients."""
+def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db,
+                    deterministic=False):  # fmt: skip
+    """float32 (grad_input, grad_weight, grad_bias) accumulators (None where not wanted) from per-row coefficients.
+
+    ``deterministic``: no atomics; one launch owns dX row blocks, another dW row blocks (and db), each adding in
+    a fixed order. Bitwise reproducible, at the price of recomputing the logits once more (5 GEMM-equivalents
+    in all instead of 4).
+    """
     n, d = x.shape
     v = w.shape[0]
     meta = _blocks(x)
@@ -205,12 +280,25 @@ def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_
     db = torch.zeros((v,), **f32) if want_db else None
     if n == 0:
         return dx, dw, db
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))
-    _lce_fused_bwd_kernel[grid](
-        x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b, coef_c,
-        dx if dx is not None else lse, dw if dw is not None else lse, db if db is not None else lse,
-        n, v, d, x.stride(0), x.stride(1), w.stride(0), w.stride(1), float(softcap) if softcap else 1.0,
-        HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
-        IEEE=x.dtype == torch.float32, WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, **meta,
+    common = (x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b,
+              coef_c)  # fmt: skip
+    flags = {"HAS_BIAS": b is not None, "HAS_WEIGHT": weight is not None, "HAS_SOFTCAP": bool(softcap),
+             "IEEE": x.dtype == torch.float32}  # fmt: skip
+    cap = float(softcap) if softcap else 1.0
+    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
+    if deterministic:
+        if want_dx:
+            _lce_fused_bwd_owner_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
+                *common, dx, lse, n, v, d, *strides, cap, OWN_ROWS=True, WANT_OUT=True, WANT_DB=False, **flags, **meta
+            )
+        if want_dw or want_db:
+            _lce_fused_bwd_owner_kernel[(triton.cdiv(v, meta["BLOCK_V"]),)](
+                *common, dw if want_dw else lse, db if want_db else lse, n, v, d, *strides, cap, OWN_ROWS=False,
+                WANT_OUT=want_dw, WANT_DB=want_db, **flags, **meta,
+            )  # fmt: skip
+        return dx, dw, db
+    _lce_fused_bwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))](
+        *common, dx if want_dx else lse, dw if want_dw else lse, db if want_db else lse, n, v, d, *strides, cap,
+        WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, **flags, **meta,
     )  # fmt: skip
     return dx, dw, db

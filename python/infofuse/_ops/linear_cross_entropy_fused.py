@@ -2,7 +2,9 @@
 
 Forward: the fused lse kernel over vocabulary slices, then O(N) merges in PyTorch. Backward: per-row gradient
 coefficients (O(N), PyTorch), then one kernel that recomputes logit tiles and adds into float32 grad_input /
-grad_weight accumulators with atomics. For "mean"/"sum" with gradients wanted, the forward op runs the backward
+grad_weight accumulators with atomics (under ``torch.use_deterministic_algorithms(True)``: without atomics, each
+output block owned by one program, bitwise reproducible, one more recompute of the logits). For "mean"/"sum" with
+gradients wanted, the forward op runs the backward
 kernel at once (recomputing costs the same in forward as in backward) and the shared autograd formula scales the
 result by ``grad_output``.
 
@@ -52,7 +54,8 @@ def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, gra
     n = input.shape[0]
     a, b, c = (t.expand(n).contiguous() for t in (a, b, c))
     dx, dw, db = lce_fused_grads(input, linear_weight, linear_bias, target, weight32, softcap, lse, a, b, c,
-                                 want_dx=want_dx, want_dw=want_dw, want_db=want_db)  # fmt: skip
+                                 want_dx=want_dx, want_dw=want_dw, want_db=want_db,
+                                 deterministic=torch.are_deterministic_algorithms_enabled())  # fmt: skip
     gi = dx.to(input.dtype) if want_dx else input.new_empty((0,))
     gw = dw.to(linear_weight.dtype) if want_dw else linear_weight.new_empty((0,))
     gb = db.to(linear_bias.dtype) if want_db else input.new_empty((0,))
