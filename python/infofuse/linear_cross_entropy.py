@@ -17,7 +17,6 @@ from .reference import linear_cross_entropy_reference
 __all__ = ["linear_cross_entropy", "available_impls"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_IMPLS = ("chunked", "fused")
 _warned_fallback: set[str] = set()
 
@@ -219,11 +218,7 @@ def linear_cross_entropy(
                 raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
             forward_op = torch.ops.infofuse.linear_cross_entropy_forward
         elif impl in _TRITON_IMPLS:
-            reason = _triton_common.triton_usable(device)
-            if reason is not None:
-                raise RuntimeError(f"impl={impl!r} cannot run: {reason}")
-            if input.dtype not in _TRITON_DTYPES:
-                raise TypeError(f"impl={impl!r} takes float32, bfloat16 or float16 inputs, got {input.dtype}")
+            _triton_common.check_triton_input(input, impl)
             forward_op = getattr(torch.ops.infofuse, f"linear_cross_entropy_{impl}_forward")
         else:  # pragma: no cover - _validate admits no other value
             raise AssertionError(impl)

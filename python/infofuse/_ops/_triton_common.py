@@ -21,12 +21,19 @@ def triton_usable(device: torch.device) -> str | None:
 
 
 def check_triton_input(input: torch.Tensor, impl: str) -> None:
-    """The checks every Triton strategy makes itself (the public function makes them first, with context)."""
+    """Device and dtype checks of the Triton strategies: by the public function, and by the ops themselves."""
     reason = triton_usable(input.device)
     if reason is not None:
-        raise RuntimeError(f"impl={impl!r}: {reason}")
+        raise RuntimeError(f"impl={impl!r} cannot run: {reason}")
     if input.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"impl={impl!r} takes float32, bfloat16 or float16 inputs, got {input.dtype}")
+
+
+def target_weight(target, weight32, valid, v):
+    """weight[target] per row (1 without class weights), 0 at ignored rows."""
+    if weight32 is None:
+        return valid.to(torch.float32)
+    return torch.where(valid, weight32[target.clamp(0, v - 1)], 0.0)
 
 
 def prepare(target, weight, v, ignore_index, reduction, device):
@@ -42,11 +49,10 @@ def prepare(target, weight, v, ignore_index, reduction, device):
     n_valid = valid.sum(dtype=torch.float32)
     if weight is not None:
         weight = weight.to(device=device, dtype=torch.float32).contiguous()
-        w_valid = torch.where(valid, weight[target.clamp(0, v - 1)], 0.0).sum()
         w_all = weight.sum()
     else:
-        w_valid = n_valid
         w_all = torch.full((), float(v), device=device)
+    w_valid = target_weight(target, weight, valid, v).sum()
     if reduction == 1:
         scales = torch.stack([1.0 / w_valid, 1.0 / n_valid, w_all])
     else:

@@ -4,9 +4,8 @@ Forward: the fused lse kernel over vocabulary slices, then O(N) merges in PyTorc
 coefficients (O(N), PyTorch), then one kernel that recomputes logit tiles and adds into float32 grad_input /
 grad_weight accumulators with atomics (under ``torch.use_deterministic_algorithms(True)``: without atomics, each
 output block owned by one program, bitwise reproducible, one more recompute of the logits). For "mean"/"sum" with
-gradients wanted, the forward op runs the backward
-kernel at once (recomputing costs the same in forward as in backward) and the shared autograd formula scales the
-result by ``grad_output``.
+gradients wanted, the forward op runs the backward kernel at once (recomputing costs the same in forward as in
+backward) and the shared autograd formula scales the result by ``grad_output``.
 
 Registered as ``infofuse::linear_cross_entropy_fused_forward`` / ``_backward`` with the shared schemas, fake
 kernels and autograd formula (``linear_cross_entropy.py``).
@@ -16,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_common import check_triton_input, prepare, reduce_loss
+from ._triton_common import check_triton_input, prepare, reduce_loss, target_weight
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_fused_forward"
@@ -27,20 +26,13 @@ _lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
 _lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
 
 
-def _target_weight(target, weight32, valid, v):
-    """weight[target] per row (1 without class weights), 0 at ignored rows."""
-    if weight32 is None:
-        return valid.to(torch.float32)
-    return torch.where(valid, weight32[target.clamp(0, v - 1)], 0.0)
-
-
 def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, grad_up, grad_lse, ignore_index,
            label_smoothing, z_loss, softcap, want_dx, want_dw, want_db):  # fmt: skip
     from infofuse.triton_kernels.lce_fused import lce_fused_grads
 
     v = linear_weight.shape[0]
     valid = target != ignore_index
-    w_t = _target_weight(target, weight32, valid, v)
+    w_t = target_weight(target, weight32, valid, v)
     g_up = grad_up.to(torch.float32).reshape(-1)
     # ignored rows take no loss gradient (and never meet "mean"'s 1/0 divisor when every row is ignored)
     g_ce = torch.where(valid, g_up * scales[0], 0.0)
@@ -79,7 +71,7 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     else:
         lse = zt = wz = torch.zeros(0, dtype=torch.float32, device=input.device)
     valid = target != ignore_index
-    w_t = _target_weight(target, weight32, valid, v)
+    w_t = target_weight(target, weight32, valid, v)
     eps = label_smoothing
     ce = torch.where(valid, (1.0 - eps) * w_t * (lse - zt) + eps / v * (scales[2] * lse - wz), 0.0)
     zl = torch.where(valid, z_loss * lse * lse, 0.0)
