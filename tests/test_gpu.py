@@ -85,3 +85,41 @@ def test_memory_stays_near_one_chunk(impl):
     chunk_bytes = chunk * v * 4 if impl == "chunked" else 0  # fused holds no logits at all
     assert extra <= 1.25 * chunk_bytes + 64 * n * 4, f"{extra / 2**20:.1f} MiB above inputs and gradients"
     assert extra < n * v * 4 / 4  # far below the logits themselves
+
+
+def _extra_bytes(fn):
+    """Peak CUDA memory of fn() above what was allocated before it, after a warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, out
+
+
+@pytest.mark.parametrize("model", ["gaussian", "lm"])
+def test_bf16_head_memory_targets(model):
+    """bf16 at a scaled-down large head: chunked holds one chunk (no float32 V×D accumulator above the budget),
+    fused at most its 32 MiB workspace plus O(N + V) floats, both with gradients graded against PyTorch."""
+    from infofuse.bench.linear_cross_entropy import make_inputs
+    from infofuse.triton_kernels.lce_fused import WORKSPACE_BYTES
+
+    n, d, v = 4096, 2304, 65536
+    x, w, t = make_inputs((n, d, v), model, torch.bfloat16, "cuda", seed=3)
+    truth = _loss_and_grads(linear_cross_entropy_reference, x.float(), w.float(), t)
+    same = _loss_and_grads(linear_cross_entropy_reference, x, w, t)
+    for impl in GPU_IMPLS:
+
+        def step(impl=impl):
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            linear_cross_entropy(xs, ws, t, impl=impl).backward()
+            return xs.grad, ws.grad
+
+        extra, (dx, dw) = _extra_bytes(step)
+        extra -= 2 * (x.nbytes + w.nbytes)  # the clones and their gradients
+        rows = max(1, min(n, (1 << 30) // (v * 2), n * v * 2 // 4 // (v * 2)))
+        bound = rows * v * 2 * 1.25 if impl == "chunked" else WORKSPACE_BYTES + 64 * (n + v) * 4
+        assert extra <= bound, f"{impl}: {extra / 2**20:.1f} MiB above inputs and gradients"
+        for name, a, b, c in (("dx", dx, same[1], truth[1]), ("dw", dw, same[2], truth[2])):
+            assert_graded(a, b, c, name=f"{impl} {name} ({model})", factor=1.5, floor=1e-6)

@@ -5,10 +5,13 @@ tiles ``X_blk · W_tileᵀ (+ b)`` with ``tl.dot`` (float32 accumulation; float3
 TF32), and keeps per row an online max and sum of exps, the target logit and Σ_j w_j·ẑ_j. The slices' partial
 states are merged afterwards (MATH.md, online log-sum-exp): O(N) floats out per slice.
 
-Backward (``lce_fused_grads``): each program recomputes one (BLOCK_N × BLOCK_V) logit tile, forms the gradient
-tile ``g = (a·p − c·w − b·[j = t])·softcap′`` from per-row coefficients, and adds ``g·W_tile`` into grad_input
-and ``gᵀ·X_blk`` into grad_weight with float32 atomics, BLOCK_D columns at a time. The order of the atomic adds
-varies from run to run, so results are reproducible only to float32 rounding.
+Backward (``lce_fused_grads``): programs recompute (BLOCK_N × BLOCK_V) logit tiles and form the gradient tile
+``g = (a·p − c·w − b·[j = t])·softcap′`` from per-row coefficients. One pass owns blocks of dX rows and adds
+``g·W_tile`` over the vocabulary, the other owns blocks of dW rows (and db) and adds ``gᵀ·X_blk`` over the rows,
+BLOCK_D columns at a time, into float32 accumulators: the gradient itself for float32, else a bounded float32
+slice rounded once into the bf16/fp16 gradient. Neither a V×D nor an N×D float32 buffer is held: the extra memory
+is at most WORKSPACE_BYTES plus O(N + V) floats. The dW pass may skip the products of tiles whose softmax entries
+are all below ``filter_eps`` (LM-like logits: most of the vocabulary's tail).
 
 Row and column offsets are int64: N·D, V·D and N·V may pass 2³¹.
 """
@@ -141,92 +144,77 @@ def _dot_block(a, b_ptr, b_rows, b_mask, ds, d_mask, stride_r, stride_d, TRANS_A
 @triton.jit
 def _lce_fused_bwd_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
-    dx_ptr, dw_ptr, db_ptr,
-    N, V, D,
+    out_ptr, db_ptr, count_ptr,
+    N, V, D, own0, own_end, stride_out,
     stride_xn, stride_xd, stride_wv, stride_wd,
-    softcap,
+    softcap, filter_eps,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    WANT_DX: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
+    OWN_ROWS: tl.constexpr, WANT_OUT: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
+    COUNT: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program per (row block, vocabulary block) tile; float32 atomics into dX, dW and db."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-    row_mask = rows < N
-    col_mask = cols < V
-    g = _grad_tile(x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr, rows, cols,
-                   row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, HAS_BIAS, HAS_WEIGHT,
-                   HAS_SOFTCAP, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-    if WANT_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
-    # the input dtype, as PyTorch's own backward multiplies (float32 where the dot cannot take it, see DOT_F32)
-    g_in = g if DOT_F32 else g.to(x_ptr.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        if WANT_DX:
-            dx = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE, DOT_F32)
-            tl.atomic_add(dx_ptr + rows[:, None] * D + ds[None, :], dx, mask=row_mask[:, None] & d_mask[None, :])
-        if WANT_DW:
-            dw = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE, DOT_F32)
-            tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+    """Each program owns one block of output rows in [own0, own_end) and walks a share of the other dimension.
 
-
-@triton.jit
-def _lce_fused_bwd_owner_kernel(
-    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
-    out_ptr, db_ptr,
-    N, V, D,
-    stride_xn, stride_xd, stride_wv, stride_wd,
-    softcap,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    OWN_ROWS: tl.constexpr, WANT_OUT: tl.constexpr, WANT_DB: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Deterministic backward: each program owns a block of output rows and adds into it in a fixed order.
-
-    OWN_ROWS: the program owns BLOCK_N rows of dX and walks the vocabulary; else it owns BLOCK_V rows of dW (and
-    db) and walks the rows. Plain loads and stores, no atomics; the logits are recomputed by both launches.
+    OWN_ROWS: BLOCK_N rows of dX, walking the vocabulary; else BLOCK_V rows of dW (and db), walking the rows.
+    ``out_ptr`` points at row ``own0`` of a float32 accumulator. Program (i, s) of (·, S) takes the inner blocks
+    s, s + S, s + 2S, …; with S > 1 (ATOMIC) the programs of one output block add with float32 atomics, with
+    S = 1 each output element is summed by one program in a fixed order (bitwise reproducible).
+    FILTER (dW pass): skip the GEMM of a tile where every |g_ij| <= filter_eps·|a_i|, i.e. p_ij·softcap′ <=
+    filter_eps and no target falls in it (bench/NOTES.md: why dX is never filtered).
     """
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     if OWN_ROWS:
         n_inner = tl.cdiv(V, BLOCK_V)
     else:
         n_inner = tl.cdiv(N, BLOCK_N)
-    for k in range(0, n_inner):
+    for k in range(split, n_inner, tl.num_programs(1)):
         if OWN_ROWS:
-            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            rows = own0 + pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
             cols = k * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+            row_mask = rows < own_end
+            col_mask = cols < V
         else:
             rows = k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-            cols = pid * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
-        row_mask = rows < N
-        col_mask = cols < V
+            cols = own0 + pid * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+            row_mask = rows < N
+            col_mask = cols < own_end
         g = _grad_tile(x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr, rows, cols,
                        row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, HAS_BIAS,
                        HAS_WEIGHT, HAS_SOFTCAP, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
-        if not OWN_ROWS and WANT_DB:
-            tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + tl.sum(g, axis=0),
-                     mask=col_mask)  # fmt: skip
-        g_in = g if DOT_F32 else g.to(x_ptr.dtype.element_ty)
-        for d0 in range(0, D if WANT_OUT else 0, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            if OWN_ROWS:
-                part = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
-                                  DOT_F32)  # fmt: skip
-                ptrs = out_ptr + rows[:, None] * D + ds[None, :]
-                mask = row_mask[:, None] & d_mask[None, :]
+        if not OWN_ROWS and WANT_DB:  # never filtered: a row sum of the tile is cheap
+            if ATOMIC:
+                tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
             else:
-                part = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
-                                  DOT_F32)  # fmt: skip
-                ptrs = out_ptr + cols[:, None] * D + ds[None, :]
-                mask = col_mask[:, None] & d_mask[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + part, mask=mask)
+                tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + tl.sum(g, axis=0),
+                         mask=col_mask)  # fmt: skip
+        keep = True
+        if FILTER:
+            a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
+            keep = tl.max(tl.max(tl.abs(g) - filter_eps * tl.abs(a)[:, None], axis=1), axis=0) > 0.0
+            if COUNT:
+                tl.atomic_add(count_ptr, 1 - keep.to(tl.int32))
+                tl.atomic_add(count_ptr + 1, 1)
+        g_in = g if DOT_F32 else g.to(x_ptr.dtype.element_ty)
+        if keep:
+            for d0 in range(0, D if WANT_OUT else 0, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                d_mask = ds < D
+                if OWN_ROWS:
+                    part = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
+                                      DOT_F32)  # fmt: skip
+                    ptrs = out_ptr + (rows - own0)[:, None] * stride_out + ds[None, :]
+                    mask = row_mask[:, None] & d_mask[None, :]
+                else:
+                    part = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
+                                      DOT_F32)  # fmt: skip
+                    ptrs = out_ptr + (cols - own0)[:, None] * stride_out + ds[None, :]
+                    mask = col_mask[:, None] & d_mask[None, :]
+                if ATOMIC:
+                    tl.atomic_add(ptrs, part, mask=mask)
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + part, mask=mask)
 
 
 def _blocks(x: torch.Tensor) -> dict:
@@ -263,42 +251,71 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
     return out
 
 
-def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db,
-                    deterministic=False):  # fmt: skip
-    """float32 (grad_input, grad_weight, grad_bias) accumulators (None where not wanted) from per-row coefficients.
+# float32 accumulator of one backward pass for bf16/fp16 gradients, in bytes: each pass sums a slice of dX (or dW)
+# rows in float32 and rounds it once into the gradient, so the extra memory stays bounded whatever N, V and D.
+WORKSPACE_BYTES = 32 << 20
 
-    ``deterministic``: no atomics; one launch owns dX row blocks, another dW row blocks (and db), each adding in
-    a fixed order. Bitwise reproducible, at the price of recomputing the logits once more (5 GEMM-equivalents
-    in all instead of 4).
+
+def default_filter_eps(dtype: torch.dtype, label_smoothing: float) -> float:
+    """The dW pass's tile filter: 1/16 of the input dtype's unit roundoff (bf16 2⁻¹², fp16 2⁻¹⁵); off for float32
+    and with label smoothing (whose −ε/V term is in every tile). bench/NOTES.md holds the measurements."""
+    if label_smoothing or dtype == torch.float32:
+        return 0.0
+    return torch.finfo(dtype).eps / 32  # eps = 2·unit roundoff
+
+
+def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db,
+                    deterministic=False, filter_eps=0.0, counts=None):  # fmt: skip
+    """(grad_input, grad_weight, grad_bias) from per-row coefficients (None where not wanted).
+
+    Two passes, each recomputing the logits: one owns dX row blocks and walks the vocabulary, one owns dW row
+    blocks (and db) and walks the rows. Gradients come back in the input/weight dtype, each element summed in
+    float32 and rounded once (through a float32 slice of at most WORKSPACE_BYTES for bf16/fp16); db in float32.
+    ``deterministic``: one program per output block, a fixed order, no atomics (bitwise reproducible; fewer
+    programs). ``filter_eps`` > 0 skips dW tile products below it (``default_filter_eps``); ``counts``, an int32
+    tensor of 2 zeros, receives (skipped tiles, filtered tiles) of the dW pass.
     """
     n, d = x.shape
     v = w.shape[0]
     meta = _blocks(x)
-    f32 = {"dtype": torch.float32, "device": x.device}
-    dx = torch.zeros((n, d), **f32) if want_dx else None
-    dw = torch.zeros((v, d), **f32) if want_dw else None
-    db = torch.zeros((v,), **f32) if want_db else None
+    dx = x.new_empty((n, d)) if want_dx else None
+    dw = w.new_empty((v, d)) if want_dw else None
+    db = torch.zeros((v,), dtype=torch.float32, device=x.device) if want_db else None
     if n == 0:
+        for out in (dx, dw):
+            if out is not None:
+                out.zero_()
         return dx, dw, db
     common = (x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b,
               coef_c)  # fmt: skip
     flags = {"HAS_BIAS": b is not None, "HAS_WEIGHT": weight is not None, "HAS_SOFTCAP": bool(softcap),
-             "IEEE": x.dtype == torch.float32}  # fmt: skip
-    cap = float(softcap) if softcap else 1.0
-    strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1))
-    if deterministic:
-        if want_dx:
-            _lce_fused_bwd_owner_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-                *common, dx, lse, n, v, d, *strides, cap, OWN_ROWS=True, WANT_OUT=True, WANT_DB=False, **flags, **meta
-            )
-        if want_dw or want_db:
-            _lce_fused_bwd_owner_kernel[(triton.cdiv(v, meta["BLOCK_V"]),)](
-                *common, dw if want_dw else lse, db if want_db else lse, n, v, d, *strides, cap, OWN_ROWS=False,
-                WANT_OUT=want_dw, WANT_DB=want_db, **flags, **meta,
+             "IEEE": x.dtype == torch.float32, "COUNT": counts is not None, **meta}  # fmt: skip
+    scalars = (*(x.stride(0), x.stride(1), w.stride(0), w.stride(1)), float(softcap) if softcap else 1.0)
+    programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    passes = []
+    if want_dx:
+        passes.append((True, dx, meta["BLOCK_N"], triton.cdiv(v, meta["BLOCK_V"])))
+    if want_dw or want_db:
+        passes.append((False, dw, meta["BLOCK_V"], triton.cdiv(n, meta["BLOCK_N"])))
+    for own_rows, out, block, n_inner in passes:
+        total = n if own_rows else v
+        direct = out is None or out.dtype == torch.float32  # accumulate in the gradient itself
+        rows = total if direct else max(block, WORKSPACE_BYTES // (4 * d) // block * block)
+        acc = None if direct else torch.empty((min(rows, total), d), dtype=torch.float32, device=x.device)
+        use_filter = not own_rows and filter_eps > 0.0
+        for own0 in range(0, total, rows):
+            m = min(rows, total - own0)
+            target_acc = (out[own0 : own0 + m] if out is not None else None) if direct else acc[:m]
+            if target_acc is not None:
+                target_acc.zero_()
+            owned = triton.cdiv(m, block)
+            split = 1 if deterministic else max(1, min(n_inner, triton.cdiv(programs, owned)))
+            _lce_fused_bwd_kernel[(owned, split)](
+                *common, target_acc if target_acc is not None else lse, db if db is not None else lse,
+                counts if counts is not None else lse, n, v, d, own0, own0 + m, d, *scalars,
+                float(filter_eps), OWN_ROWS=own_rows, WANT_OUT=out is not None, WANT_DB=not own_rows and want_db,
+                FILTER=use_filter, ATOMIC=split > 1, **flags,
             )  # fmt: skip
-        return dx, dw, db
-    _lce_fused_bwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]))](
-        *common, dx if want_dx else lse, dw if want_dw else lse, db if want_db else lse, n, v, d, *strides, cap,
-        WANT_DX=want_dx, WANT_DW=want_dw, WANT_DB=want_db, **flags, **meta,
-    )  # fmt: skip
+            if not direct and out is not None:
+                out[own0 : own0 + m].copy_(acc[:m])
     return dx, dw, db

@@ -24,6 +24,10 @@ BACKWARD = "infofuse::linear_cross_entropy_chunked_backward"
 MAX_CHUNK_BYTES = 1 << 30
 # Rows of grad_weight per GEMM when bf16/fp16 chunk contributions are added into a float32 accumulator.
 HALF_GRAD_WEIGHT_BLOCK = 4096
+# bf16/fp16 grad_weight: a float32 (V, D) accumulator is used when it takes at most this, or at most the logits
+# chunk; above both, each chunk's Gᵀ·X_c is added into the gradient itself (float32 inside the GEMM, one rounding
+# per chunk). bench/NOTES.md measures what the per-chunk rounding costs.
+FLOAT32_ACCUMULATOR_BYTES = 64 << 20
 
 _lib = torch.library.Library("infofuse", "FRAGMENT")
 _lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
@@ -44,21 +48,27 @@ def _logits(out, x_chunk, linear_weight, linear_bias):
         torch.addmm(linear_bias, x_chunk, linear_weight.t(), out=out)
 
 
+def float32_accumulator(linear_weight: torch.Tensor, rows: int) -> bool:
+    """Whether bf16/fp16 grad_weight is summed in a float32 (V, D) buffer (see FLOAT32_ACCUMULATOR_BYTES)."""
+    if linear_weight.dtype == torch.float32:
+        return False  # the float32 gradient is its own accumulator
+    v, d = linear_weight.shape
+    return v * d * 4 <= max(FLOAT32_ACCUMULATOR_BYTES, rows * v * linear_weight.element_size())
+
+
 class _Grads:
     """grad_input rows, grad_weight and grad_bias, filled chunk by chunk from dLoss/dlogits."""
 
-    def __init__(self, input, linear_weight, linear_bias, gi, gw, gb):
+    def __init__(self, input, linear_weight, linear_bias, gi, gw, gb, rows):
         n, d = input.shape
         v = linear_weight.shape[0]
         self.gi = input.new_empty((n, d)) if gi else input.new_empty((0,))
-        # grad_weight: chunk contributions are summed in float32. For bf16/fp16 weights that is a float32 (V, D)
-        # accumulator, rounded once at the end: a running sum rounded to bf16 at every chunk is 3x less accurate
-        # than one GEMM over all rows at 50 chunks (tests), the failure Liger #512 reports. It costs V·D·4 bytes;
-        # a design that keeps float32 accuracy without it (V-blocked recompute) is for the GPU measurements.
+        # grad_weight sums the chunks' Gᵀ·X_c: in a float32 (V, D) accumulator rounded once where that fits the
+        # budget, else in the gradient's own dtype (a rounding per chunk: Liger #512 is this with many chunks).
         self.gw_out = linear_weight.new_empty((v, d)) if gw else linear_weight.new_empty((0,))
-        half = linear_weight.dtype != torch.float32
+        wide = float32_accumulator(linear_weight, rows)
         self.gw = (
-            (torch.zeros((v, d), dtype=torch.float32, device=input.device) if half else self.gw_out.zero_())
+            (torch.zeros((v, d), dtype=torch.float32, device=input.device) if wide else self.gw_out.zero_())
             if gw
             else None
         )
@@ -119,7 +129,8 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     f32 = {"dtype": torch.float32, "device": input.device}
     lse, ce, zl = (torch.empty(n, **f32) for _ in range(3))
     want = reduction != 0 and (grad_input or grad_weight or (grad_bias and linear_bias is not None))
-    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias) if want else None
+    rows = chunk_rows(n, v, input.element_size(), chunk_size)
+    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows) if want else None
     one = torch.ones(1, **f32)
     _run(input, linear_weight, target, linear_bias, weight32, scales,
          _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, True, lse, ce, zl, grads,
@@ -140,7 +151,8 @@ def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, we
         return input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     target = target.contiguous()
     weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
-    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias)
+    rows = chunk_rows(input.shape[0], v, input.element_size(), chunk_size)
+    grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows)
     g = grad_loss.reshape(-1).to(torch.float32).contiguous()  # also materialises a stride-0 (expanded) grad
     g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(torch.float32).contiguous()
     _run(input, linear_weight, target, linear_bias, weight32, scales,

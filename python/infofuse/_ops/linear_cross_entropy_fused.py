@@ -1,11 +1,13 @@
 """The "fused" linear cross-entropy: Triton kernels that never hold a logit in memory (triton_kernels/lce_fused.py).
 
 Forward: the fused lse kernel over vocabulary slices, then O(N) merges in PyTorch. Backward: per-row gradient
-coefficients (O(N), PyTorch), then one kernel that recomputes logit tiles and adds into float32 grad_input /
-grad_weight accumulators with atomics (under ``torch.use_deterministic_algorithms(True)``: without atomics, each
-output block owned by one program, bitwise reproducible, one more recompute of the logits). For "mean"/"sum" with
-gradients wanted, the forward op runs the backward kernel at once (recomputing costs the same in forward as in
-backward) and the shared autograd formula scales the result by ``grad_output``.
+coefficients (O(N), PyTorch), then two kernel passes that recompute the logit tiles, one summing dX rows over the
+vocabulary, one summing dW rows over the input rows (skipping tiles whose softmax entries are all below the
+dtype's filter threshold). Each gradient element is summed in float32 and rounded once; bf16/fp16 gradients go
+through a float32 workspace of at most 32 MiB per pass. Under ``torch.use_deterministic_algorithms(True)`` the
+passes run without atomics, bitwise reproducible. For "mean"/"sum" with gradients wanted, the forward op runs the
+backward passes at once (recomputing costs the same in forward as in backward) and the shared autograd formula
+scales the result by ``grad_output``.
 
 Registered as ``infofuse::linear_cross_entropy_fused_forward`` / ``_backward`` with the shared schemas, fake
 kernels and autograd formula (``linear_cross_entropy.py``).
@@ -28,7 +30,7 @@ _lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
 
 def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, grad_up, grad_lse, ignore_index,
            label_smoothing, z_loss, softcap, want_dx, want_dw, want_db):  # fmt: skip
-    from infofuse.triton_kernels.lce_fused import lce_fused_grads
+    from infofuse.triton_kernels.lce_fused import default_filter_eps, lce_fused_grads
 
     v = linear_weight.shape[0]
     valid = target != ignore_index
@@ -47,9 +49,10 @@ def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, gra
     a, b, c = (t.expand(n).contiguous() for t in (a, b, c))
     dx, dw, db = lce_fused_grads(input, linear_weight, linear_bias, target, weight32, softcap, lse, a, b, c,
                                  want_dx=want_dx, want_dw=want_dw, want_db=want_db,
-                                 deterministic=torch.are_deterministic_algorithms_enabled())  # fmt: skip
-    gi = dx.to(input.dtype) if want_dx else input.new_empty((0,))
-    gw = dw.to(linear_weight.dtype) if want_dw else linear_weight.new_empty((0,))
+                                 deterministic=torch.are_deterministic_algorithms_enabled(),
+                                 filter_eps=default_filter_eps(input.dtype, label_smoothing))  # fmt: skip
+    gi = dx if want_dx else input.new_empty((0,))
+    gw = dw if want_dw else linear_weight.new_empty((0,))
     gb = db.to(linear_bias.dtype) if want_db else input.new_empty((0,))
     return gi, gw, gb
 
