@@ -27,6 +27,9 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 
 $(VENV)/.installed-test: $(VENV)/.torch $(SOURCES)
 	$(PIP) install --no-build-isolation -e ".[bench,test]"
+	# open_clip's losses, a test reference: without its dependencies (torchvision would pull another torch);
+	# tests/test_info_nce.py loads open_clip/loss.py, which needs only torch
+	$(PIP) install --no-deps "open-clip-torch==3.3.0"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -27,6 +27,27 @@ TORCH_LIBRARY(infofuse, m) {
       "Tensor target, Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int chunk_size, bool grad_input, bool grad_weight, "
       "bool grad_bias) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Pairwise InfoNCE over S = scale * query @ key.T (query (N, D), key (M, D), scale a 0-dim float32 tensor).
+  // mode 0: row i's positive is target[i]; with labels/key_labels, other same-label columns leave row i's
+  // softmax; exclude_self removes j == i. mode 1 (SupCon): j == i removed, positives {j != i: same label}.
+  // Returns per-row (loss, lse) and, with want_cols (mode 0, M == N, col_target the inverse permutation of
+  // target), per-column (loss, lse) of the transposed problem; empty tensors otherwise.
+  m.def(
+      "info_nce_forward(Tensor query, Tensor key, Tensor scale, Tensor target, Tensor? labels, "
+      "Tensor? key_labels, Tensor? col_target, int mode, bool exclude_self, bool want_cols) "
+      "-> (Tensor row_loss, Tensor row_lse, Tensor col_loss, Tensor col_lse)");
+  // Gradients of sum_i grad_row[i]*row_loss[i] + sum_j grad_col[j]*col_loss[j] by recomputing S from the lse.
+  m.def(
+      "info_nce_backward(Tensor grad_row, Tensor? grad_col, Tensor query, Tensor key, Tensor scale, "
+      "Tensor target, Tensor? labels, Tensor? key_labels, Tensor? col_target, Tensor row_lse, Tensor? col_lse, "
+      "int mode, bool exclude_self, bool grad_query, bool grad_key, bool grad_scale) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale)");
+  // SigLIP: per-row loss sum_j softplus(-y_ij (S_ij + bias)), y_ij = +1 if i == j else -1; bias 0-dim float32.
+  m.def("siglip_forward(Tensor query, Tensor key, Tensor scale, Tensor bias) -> Tensor row_loss");
+  m.def(
+      "siglip_backward(Tensor grad_row, Tensor query, Tensor key, Tensor scale, Tensor bias, bool grad_query, "
+      "bool grad_key, bool grad_scale, bool grad_bias) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
 }
 
 namespace {

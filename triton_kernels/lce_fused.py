@@ -22,35 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import softcapped
+from ._common import dot_block, logit_tile, softcapped
 
 __all__ = ["lce_fused_grads", "lce_fused_partials"]
-
-
-@triton.jit
-def _logit_tile(
-    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_mask = ds < D
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        if DOT_F32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return acc
 
 
 @triton.jit
@@ -78,7 +52,7 @@ def _lce_fused_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < v_end
-        z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
+        z = logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
                         stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
         z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
@@ -106,7 +80,7 @@ def _grad_tile(
     DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dLoss/dlogits on one (BLOCK_N × BLOCK_V) tile, recomputed from the logits; 0 outside the masks."""
-    z = _logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
+    z = logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
                     stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
     z = softcapped(z, softcap, HAS_SOFTCAP)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
@@ -124,21 +98,6 @@ def _grad_tile(
         u = z / softcap
         g = g * (1.0 - u * u)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
-
-
-@triton.jit
-def _dot_block(a, b_ptr, b_rows, b_mask, ds, d_mask, stride_r, stride_d, TRANS_A: tl.constexpr,
-               IEEE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """a·B[b_rows, ds] (or aᵀ·B with TRANS_A), float32 out; B's tile is read in its own dtype."""
-    blk = tl.load(b_ptr + b_rows[:, None] * stride_r + ds[None, :] * stride_d,
-                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-    if DOT_F32:
-        blk = blk.to(tl.float32)
-    if TRANS_A:
-        a = tl.trans(a)
-    if IEEE:
-        return tl.dot(a, blk, input_precision="ieee")
-    return tl.dot(a, blk)
 
 
 @triton.jit
@@ -202,12 +161,12 @@ def _lce_fused_bwd_kernel(
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_mask = ds < D
                 if OWN_ROWS:
-                    part = _dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
+                    part = dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
                                       DOT_F32)  # fmt: skip
                     ptrs = out_ptr + (rows - own0)[:, None] * stride_out + ds[None, :]
                     mask = row_mask[:, None] & d_mask[None, :]
                 else:
-                    part = _dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
+                    part = dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
                                       DOT_F32)  # fmt: skip
                     ptrs = out_ptr + (cols - own0)[:, None] * stride_out + ds[None, :]
                     mask = col_mask[:, None] & d_mask[None, :]

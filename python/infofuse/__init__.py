@@ -6,17 +6,30 @@ Every public function runs under ``torch.profiler.record_function("infofuse::<op
 """
 
 from ._ext import build_info, cpp_available
+from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 from .linear_cross_entropy import available_impls, linear_cross_entropy
-from .modules import LinearCrossEntropyLoss
-from .reference import linear_cross_entropy_reference
+from .modules import ClipLoss, InfoNCELoss, LinearCrossEntropyLoss, NTXentLoss, SigLipLoss, SupConLoss
+from .reference import info_nce_reference, linear_cross_entropy_reference, siglip_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipLoss",
+    "InfoNCELoss",
     "LinearCrossEntropyLoss",
+    "NTXentLoss",
+    "SigLipLoss",
+    "SupConLoss",
     "available_impls",
     "build_info",
     "cpp_available",
+    "clip_loss",
+    "info_nce",
+    "info_nce_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "nt_xent",
+    "siglip_loss",
+    "siglip_reference",
+    "supcon_loss",
 ]

@@ -9,7 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_cross_entropy_reference"]
+__all__ = [
+    "info_nce_reference",
+    "info_nce_rows_reference",
+    "linear_cross_entropy_reference",
+    "siglip_reference",
+    "siglip_rows_reference",
+]
 
 
 def linear_cross_entropy_reference(
@@ -68,3 +74,101 @@ def linear_cross_entropy_reference(
     if return_lse:
         return loss, lse.reshape(target.shape)
     return loss
+
+
+def _scores(query, key, scale, compute_dtype):
+    """scale·(query @ keyᵀ): the product in the inputs' dtype (as dense PyTorch code computes it), then
+    ``compute_dtype`` (None: float64 for float64 inputs, else float32)."""
+    scale = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
+    if compute_dtype is None:  # float64 for float64 embeddings, else float32
+        compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query @ key.T).to(compute_dtype) * scale.to(device=query.device, dtype=compute_dtype)
+
+
+def info_nce_rows_reference(query, key, scale, target, labels=None, key_labels=None, col_target=None, *, mode=0,
+                            exclude_self=False, want_cols=False, compute_dtype=None):  # fmt: skip
+    """Per-row (and per-column) InfoNCE terms, densely: what the ``infofuse::info_nce_forward`` op returns.
+
+    S = scale·Q Kᵀ. mode 0: row i's softmax runs over the allowed columns — all but j = i with ``exclude_self``,
+    and, with ``labels``/``key_labels``, all but the columns j ≠ target[i] whose label equals row i's; its loss is
+    lse_i − S[i, target[i]]. With ``want_cols`` (M = N, ``col_target`` the inverse permutation of ``target``) the
+    same for the columns: lse over the allowed rows of column j, minus S[col_target[j], j]. mode 1 (SupCon):
+    j = i leaves the softmax, the positives are P(i) = {j ≠ i: key_labels[j] = labels[i]}, the loss is
+    lse_i − mean_{P(i)} S_ij, and 0 for rows with no positive. Returns (row_loss, row_lse, col_loss, col_lse), the
+    last two None without ``want_cols``.
+    """
+    s = _scores(query, key, scale, compute_dtype)
+    n, m = s.shape
+    rows = torch.arange(n, device=s.device)
+    cols = torch.arange(m, device=s.device)
+    eye = rows[:, None] == cols[None, :]
+    if mode == 1:
+        same = labels[:, None] == key_labels[None, :]
+        positive = same & ~eye
+        count = positive.sum(1)
+        lse = torch.logsumexp(s.masked_fill(eye, float("-inf")), 1)
+        pos_mean = (s * positive).sum(1) / count.clamp(min=1)
+        loss = torch.where(count > 0, lse - pos_mean, torch.zeros_like(lse))
+        return loss, lse, None, None
+    blocked = eye if exclude_self else torch.zeros_like(eye)
+    if labels is not None:
+        is_target = cols[None, :] == target[:, None]
+        blocked = blocked | ((labels[:, None] == key_labels[None, :]) & ~is_target)
+    masked = s.masked_fill(blocked, float("-inf"))
+    row_lse = torch.logsumexp(masked, 1)
+    row_loss = row_lse - s.gather(1, target[:, None]).squeeze(1)
+    if not want_cols:
+        return row_loss, row_lse, None, None
+    col_lse = torch.logsumexp(masked, 0)
+    col_loss = col_lse - s.gather(0, col_target[None, :]).squeeze(0)
+    return row_loss, row_lse, col_loss, col_lse
+
+
+def info_nce_reference(query, key, *, scale, target=None, labels=None, key_labels=None, symmetric=False,
+                       exclude_self=False, reduction="mean", supcon=False, compute_dtype=None):  # fmt: skip
+    """Pairwise InfoNCE, densely (the N×M scores, PyTorch's autograd): the definition ``infofuse.info_nce`` and
+    its thin wrappers are tested against. See ``info_nce_rows_reference`` for the per-row terms.
+
+    "mean" averages the per-row losses (SupCon: over the rows that have a positive; 0 if none has);
+    ``symmetric`` averages the row and column losses, per index for "none". ``supcon`` selects mode 1.
+    """
+    n = query.shape[0]
+    if target is None and not supcon:
+        target = torch.arange(n, device=query.device)
+    if labels is not None and key_labels is None:
+        key_labels = labels
+    col_target = torch.argsort(target) if symmetric else None
+    row, _, col, _ = info_nce_rows_reference(query, key, scale, target, labels, key_labels, col_target,
+                                             mode=1 if supcon else 0, exclude_self=exclude_self,
+                                             want_cols=symmetric, compute_dtype=compute_dtype)  # fmt: skip
+    if symmetric:
+        row = 0.5 * (row + col)
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    if supcon:
+        count = (labels[:, None] == key_labels[None, :]).sum(1) - 1
+        return row.sum() / (count > 0).sum().clamp(min=1)
+    return row.mean()
+
+
+def siglip_rows_reference(query, key, scale, bias, *, compute_dtype=None):
+    """Per-row SigLIP loss Σ_j softplus(−y_ij·(S_ij + bias)), y_ij = +1 where i = j, −1 elsewhere: what the
+    ``infofuse::siglip_forward`` op returns."""
+    s = _scores(query, key, scale, compute_dtype)
+    bias = bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=torch.float64)
+    z = s + bias.to(device=s.device, dtype=s.dtype)
+    eye = torch.arange(s.shape[0], device=s.device)[:, None] == torch.arange(s.shape[1], device=s.device)[None, :]
+    return -F.logsigmoid(torch.where(eye, z, -z)).sum(1)
+
+
+def siglip_reference(query, key, *, scale, bias, reduction="mean", compute_dtype=None):
+    """open_clip's ``SigLipLoss`` on one device: −Σ log σ(y·(scale·Q Kᵀ + bias)) / N ("mean"); "sum" is the
+    plain sum, "none" the per-row sums."""
+    row = siglip_rows_reference(query, key, scale, bias, compute_dtype=compute_dtype)
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / query.shape[0]
