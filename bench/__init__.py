@@ -15,6 +15,7 @@ __all__ = ["case_names", "get_case"]
 _CASES = {
     "linear_cross_entropy": "linear_cross_entropy",
     "info_nce": "info_nce",
+    "knn_entropy": "knn",
 }
 
 

@@ -48,6 +48,14 @@ TORCH_LIBRARY(infofuse, m) {
       "siglip_backward(Tensor grad_row, Tensor query, Tensor key, Tensor scale, Tensor bias, bool grad_query, "
       "bool grad_key, bool grad_scale, bool grad_bias) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_scale, Tensor grad_bias)");
+  // k nearest neighbours of every row of x (B, N, d) among the rows of y (B, M, d), per batch entry.
+  // metric: 0 Euclidean, 1 Chebyshev (max-norm). exclude_self (y is x, M == N): j == i is never a neighbour of i.
+  // Returns (distances (B, N, k) ascending, in float32 — float64 for float64 inputs — recomputed exactly for the
+  // selected neighbours; indices (B, N, k) int64). Ties in distance go to the smaller index.
+  m.def("knn(Tensor x, Tensor y, int k, int metric, bool exclude_self) -> (Tensor distances, Tensor indices)");
+  // For every row i of x (B, N, d): #{j != i : dist(x_i, x_j) < radius[b, i]} (strict) or <= (not strict), int64
+  // (B, N); radius (B, N) in x's accumulation dtype. The marginal counts of the KSG estimators.
+  m.def("knn_count(Tensor x, Tensor radius, int metric, bool strict) -> Tensor counts");
 }
 
 namespace {

@@ -7,9 +7,10 @@ Every public function runs under ``torch.profiler.record_function("infofuse::<op
 
 from ._ext import build_info, cpp_available
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from .knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from .linear_cross_entropy import available_impls, linear_cross_entropy
 from .modules import ClipLoss, InfoNCELoss, LinearCrossEntropyLoss, NTXentLoss, SigLipLoss, SupConLoss
-from .reference import info_nce_reference, linear_cross_entropy_reference, siglip_reference
+from .reference import info_nce_reference, knn_reference, linear_cross_entropy_reference, siglip_reference
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,12 @@ __all__ = [
     "clip_loss",
     "info_nce",
     "info_nce_reference",
+    "knn",
+    "knn_entropy",
+    "knn_kl_divergence",
+    "knn_reference",
+    "koleo_loss",
+    "ksg_mutual_information",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "nt_xent",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "info_nce_reference",
+    "knn_reference",
     "info_nce_rows_reference",
     "linear_cross_entropy_reference",
     "siglip_reference",
@@ -172,3 +173,39 @@ def siglip_reference(query, key, *, scale, bias, reduction="mean", compute_dtype
     if reduction == "sum":
         return row.sum()
     return row.sum() / query.shape[0]
+
+
+def _pairwise_distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """(B, N, M) distances by direct differences (never ‖a‖² + ‖b‖² − 2a·b), in x's dtype."""
+    if metric == "euclidean":
+        return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    if metric == "chebyshev":
+        if x.shape[-1] == 0:
+            return x.new_zeros(x.shape[:-1] + (y.shape[-2],))
+        return (x[..., :, None, :] - y[..., None, :, :]).abs().amax(-1)
+    if metric == "cosine":
+        return 1.0 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def knn_reference(x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1, *, metric: str = "euclidean"):
+    """The k nearest neighbours by brute force: the N×M distance matrix and a stable sort.
+
+    x (N, d) or (B, N, d); y likewise, or None for x against itself with each point excluded from its own
+    neighbours by index. Returns (distances, indices), (…, N, k), ascending; ties go to the smaller index.
+    bf16/fp16 inputs are computed in float32. Cosine distance is 1 − cos(x_i, y_j).
+    """
+    squeeze = x.dim() == 2
+    xs = x[None] if squeeze else x
+    ys = xs if y is None else (y[None] if squeeze else y)
+    if xs.dtype in (torch.bfloat16, torch.float16):
+        xs, ys = xs.float(), ys.float()
+    dist = _pairwise_distances(xs, ys, metric)
+    if y is None:
+        n = dist.shape[-1]
+        dist = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=dist.device), float("inf"))
+    values, indices = torch.sort(dist, dim=-1, stable=True)  # stable: equal distances keep index order
+    values, indices = values[..., :k], indices[..., :k]
+    if squeeze:
+        values, indices = values[0], indices[0]
+    return values, indices

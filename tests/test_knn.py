@@ -1,0 +1,302 @@
+"""k nearest neighbours and the k-NN estimators: every backend against brute force and against ground truth."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import infofuse
+from infofuse import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
+from infofuse.reference import knn_reference
+from tests.utils import assert_close
+
+IMPLS = ["cpu", "triton"]  # Triton under TRITON_INTERPRET=1 here (tests/conftest.py)
+METRICS = ["euclidean", "chebyshev", "cosine"]
+
+
+def _needs(impl):
+    if impl == "cpu" and not hasattr(torch.ops.infofuse, "knn"):
+        pytest.fail("the C++ extension does not provide infofuse::knn")
+
+
+def points(shape, dtype=torch.float64, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        return torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64).to(dtype)[..., ::2]
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def check_neighbours(x, y, k, metric, dist, idx):
+    """Honest comparison with brute force in float64 on the same values: the returned distances are the exact
+    distances of the returned indices, the indices are distinct valid candidates, and the j-th returned distance
+    equals the true j-th smallest distance (to the input dtype's rounding). Where the true distances are distinct
+    beyond that rounding, the indices must be the true ones."""
+    want_d, want_i = knn_reference(x.double(), None if y is None else y.double(), k, metric=metric)
+    x64 = x.double()
+    y64 = x64 if y is None else y.double()
+    assert dist.shape == want_d.shape and idx.shape == want_i.shape
+    assert idx.dtype == torch.int64
+    assert dist.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    exact = x.dtype == torch.float64
+    rtol = 1e-12 if exact else 2e-6
+    flat_y = y64 if y64.dim() == 3 else y64[None]
+    flat_x = x64 if x64.dim() == 3 else x64[None]
+    flat_i = idx if idx.dim() == 3 else idx[None]
+    nb = torch.gather(flat_y, 1, flat_i.reshape(flat_i.shape[0], -1, 1).expand(-1, -1, flat_y.shape[-1]))
+    nb = nb.reshape(*flat_i.shape, flat_y.shape[-1])
+    own = knn_reference(flat_x[:, :, None, :].reshape(-1, 1, flat_x.shape[-1]),
+                        nb.reshape(-1, k, flat_y.shape[-1]), k, metric=metric)[0]  # fmt: skip
+    own = torch.sort(own.reshape(-1, k), dim=-1).values
+    got_d = dist.reshape(-1, k).double()
+    assert_close(got_d, torch.sort(got_d, dim=-1).values, rtol=0, atol=0, name="ascending")
+    assert_close(got_d, own, rtol=rtol, atol=rtol, name="distances of the returned indices")
+    assert_close(got_d, want_d.reshape(-1, k), rtol=rtol, atol=rtol, name="j-th distances")
+    if y is None:
+        rows = torch.arange(x.shape[-2]).expand(*idx.shape[:-1])
+        assert not (idx == rows[..., None]).any(), "a point is its own neighbour"
+    assert (torch.sort(idx, dim=-1).values.diff(dim=-1) != 0).all(), "repeated neighbour"
+    gap = torch.cat([want_d, torch.full_like(want_d[..., :1], float("inf"))], -1).diff(dim=-1)
+    before = torch.cat([torch.full_like(want_d[..., :1], float("inf")), gap[..., :-1]], -1)
+    clear = (gap.abs() > 1e-6 * want_d.abs().clamp(min=1e-3)) & (before.abs() > 1e-6 * want_d.abs().clamp(min=1e-3))
+    if exact:
+        assert torch.equal(idx, want_i), "indices differ from brute force (ties go to the smaller index)"
+    else:
+        assert torch.equal(idx[clear], want_i[clear]), "indices differ where the distances are clearly apart"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("k", [1, 3, 17])
+def test_knn_self_matches_brute_force(impl, metric, k):
+    _needs(impl)
+    x = points((67, 37), seed=k)
+    dist, idx = knn(x, k=k, metric=metric, impl=impl)
+    check_neighbours(x, None, k, metric, dist, idx)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev"])
+def test_knn_low_precision_and_queries(impl, dtype, metric):
+    _needs(impl)
+    x, y = points((67, 37), dtype, seed=2), points((131, 37), dtype, seed=3)
+    dist, idx = knn(x, y, k=3, metric=metric, impl=impl)
+    check_neighbours(x.float() if dtype != torch.float32 else x, y.float() if dtype != torch.float32 else y, 3,
+                     metric, dist, idx)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_knn_batched_noncontiguous_and_edge_shapes(impl):
+    _needs(impl)
+    x = points((3, 29, 5), seed=4, noncontig=True)
+    assert not x.is_contiguous()
+    dist, idx = knn(x, k=4, metric="chebyshev", impl=impl)
+    check_neighbours(x, None, 4, "chebyshev", dist, idx)
+    one = points((2, 1), seed=5)
+    dist, idx = knn(one, k=1, impl=impl)  # two points, d = 1: each is the other's neighbour
+    assert idx.tolist() == [[1], [0]] and dist[0, 0] == dist[1, 0] == (one[0] - one[1]).abs()
+    dist, idx = knn(points((0, 3)), points((5, 3)), k=2, impl=impl)
+    assert dist.shape == idx.shape == (0, 2)
+    x = points((40, 1), seed=6)
+    dist, idx = knn(x, k=39, impl=impl)  # every other point
+    check_neighbours(x, None, 39, "euclidean", dist, idx)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_knn_duplicates_are_neighbours_at_zero_and_ties_go_to_the_smaller_index(impl):
+    _needs(impl)
+    base = points((10, 3), seed=7)
+    x = torch.cat([base, base, base[:4]])  # points i, i + 10 (and i + 20) coincide
+    dist, idx = knn(x, k=2, impl=impl)
+    check_neighbours(x, None, 2, "euclidean", dist, idx)
+    assert idx[0].tolist() == [10, 20] and dist[0].tolist() == [0.0, 0.0]
+    assert idx[10].tolist() == [0, 20]
+
+
+# ---------------------------------------------------------------- estimators against ground truth
+
+
+def _gaussian(n, cov, seed):
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(torch.as_tensor(cov, dtype=torch.float64))
+    return torch.randn(n, chol.shape[0], generator=g, dtype=torch.float64) @ chol.T
+
+
+@pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev"])
+@pytest.mark.parametrize("d", [1, 2])
+def test_knn_entropy_of_gaussians(impl, metric, d):
+    """H(N(0, Σ)) = ½ log((2πe)^d det Σ): the estimate is within 4 standard errors (the KL estimator's standard
+    deviation is about sqrt(Var(log ε)·d²/N)) plus its small-d bias."""
+    _needs(impl)
+    n = 3000
+    cov = torch.eye(d, dtype=torch.float64) * 0.5 + 0.5
+    if d == 1:
+        cov = torch.tensor([[2.0]], dtype=torch.float64)
+    x = _gaussian(n, cov, seed=10 + d)
+    truth = 0.5 * math.log((2 * math.pi * math.e) ** d * torch.linalg.det(cov).item())
+    got = knn_entropy(x, k=3, metric=metric, impl=impl).item()
+    ref = knn_entropy(x, k=3, metric=metric, impl="reference").item()
+    assert abs(got - ref) < 1e-12, "the estimate differs from the same formula on brute-force neighbours"
+    assert abs(got - truth) < 4 * math.sqrt(d * d * 1.0 / n) + 0.02, (got, truth)
+
+
+@pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
+def test_knn_entropy_uniform_box_and_base(impl):
+    _needs(impl)
+    g = torch.Generator().manual_seed(12)
+    sides = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    x = torch.rand(4000, 2, generator=g, dtype=torch.float64) * sides
+    truth = float(torch.log(sides).sum())
+    got = knn_entropy(x, k=4, impl=impl)
+    assert abs(got.item() - truth) < 0.1, (got.item(), truth)  # boundary effects bias it slightly at N = 4000
+    assert_close(knn_entropy(x, k=4, impl=impl, base=2), got / math.log(2), rtol=1e-12, atol=0, name="bits")
+
+
+@pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("variant", [1, 2])
+def test_ksg_mutual_information_of_correlated_gaussians(impl, rho, variant):
+    _needs(impl)
+    n = 2000
+    z = _gaussian(n, [[1.0, rho], [rho, 1.0]], seed=20 + int(10 * rho))
+    truth = -0.5 * math.log(1 - rho * rho)
+    got = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl=impl).item()
+    ref = ksg_mutual_information(z[:, :1], z[:, 1:], k=3, variant=variant, impl="reference").item()
+    assert abs(got - ref) < 1e-12, "counts differ from brute force"
+    assert abs(got - truth) < 0.05, (got, truth)
+
+
+def test_ksg_agrees_with_scikit_learn_and_ennemi():
+    """Noise-free samples: scikit-learn's KSG-1 (its private _compute_mi_cc, without the noise its public API
+    adds) and ennemi's estimate_mi(preprocess=False) compute the same quantity."""
+    sk = pytest.importorskip("sklearn.feature_selection._mutual_info")
+    ennemi = pytest.importorskip("ennemi")
+    z = _gaussian(1500, [[1.0, 0.7], [0.7, 1.0]], seed=30)
+    ours = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=1).item()
+    want_sk = sk._compute_mi_cc(z[:, 0].numpy(), z[:, 1].numpy(), 3)
+    want_en = float(ennemi.estimate_mi(z[:, 1].numpy(), z[:, 0].numpy(), k=3, preprocess=False).squeeze())
+    assert abs(ours - want_sk) < 1e-9, (ours, want_sk)
+    assert abs(ours - want_en) < 1e-5 * abs(want_en), (ours, want_en)  # ennemi: 5e-7 apart (its own rounding)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ksg_multivariate_marginals_and_batches(impl):
+    _needs(impl)
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 150, 3, generator=g, dtype=torch.float64)
+    y = x[..., :2] + 0.5 * torch.randn(2, 150, 2, generator=g, dtype=torch.float64)
+    got = ksg_mutual_information(x, y, k=5, variant=2, impl=impl)
+    want = torch.stack([ksg_mutual_information(x[b], y[b], k=5, variant=2, impl="reference") for b in range(2)])
+    assert_close(got, want, rtol=1e-12, atol=1e-12, name="batched KSG-2")
+
+
+@pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
+def test_knn_kl_divergence_of_gaussians(impl):
+    _needs(impl)
+    p = _gaussian(3000, torch.eye(2), seed=40)
+    q = _gaussian(4000, torch.eye(2), seed=41) + torch.tensor([0.5, -0.5], dtype=torch.float64)
+    truth = 0.5 * (0.25 + 0.25)
+    got = knn_kl_divergence(p, q, k=3, impl=impl).item()
+    ref = knn_kl_divergence(p, q, k=3, impl="reference").item()
+    assert abs(got - ref) < 1e-12
+    assert abs(got - truth) < 0.08, (got, truth)
+
+
+def test_triton_estimators_equal_the_reference():
+    """The Triton search and counting kernels (interpreter: small samples) give exactly the reference's
+    estimates; the estimates' accuracy is tested above on the C++ backend with the same formulas."""
+    z = _gaussian(150, [[1.0, 0.6], [0.6, 1.0]], seed=60)
+    for metric in ("euclidean", "chebyshev"):
+        got = knn_entropy(z, k=3, metric=metric, impl="triton")
+        assert_close(got, knn_entropy(z, k=3, metric=metric, impl="reference"), rtol=1e-12, atol=0, name=metric)
+    for variant in (1, 2):
+        got = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl="triton")
+        want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl="reference")
+        assert_close(got, want, rtol=1e-12, atol=0, name=f"KSG-{variant}")
+    q = _gaussian(120, torch.eye(2), seed=61) + 0.3
+    got = knn_kl_divergence(z, q, k=2, impl="triton")
+    assert_close(got, knn_kl_divergence(z, q, k=2, impl="reference"), rtol=1e-12, atol=0, name="KL")
+
+
+# ---------------------------------------------------------------- gradients and the duplicate policy
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_and_koleo_gradients_match_reference(impl):
+    _needs(impl)
+    x = points((60, 6), seed=50)
+    for fn in (lambda v, i: knn_entropy(v, k=3, impl=i), lambda v, i: koleo_loss(v, impl=i),
+               lambda v, i: knn_entropy(v, k=2, metric="chebyshev", impl=i)):  # fmt: skip
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fn(a, impl).backward()
+        fn(b, "reference").backward()
+        assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, name="gradient")
+        assert a.grad.abs().sum() > 0
+
+
+def test_gradcheck_float64():
+    x = points((30, 3), seed=51).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: knn_entropy(v, k=2, impl="cpu"), (x,))
+    assert torch.autograd.gradcheck(lambda v: koleo_loss(v, impl="cpu"), (x,))
+    q = points((25, 3), seed=52).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: knn_kl_divergence(a, b, k=2, impl="cpu"), (x, q))
+
+
+def test_duplicates_are_floored_with_a_warning_never_inf():
+    x = points((50, 2), seed=53)
+    x[10:20] = x[0]  # eleven identical points: their 3rd neighbour is at distance 0
+    with pytest.warns(RuntimeWarning, match=r"11 point\(s\) have their 3-th neighbour at distance 0"):
+        h = knn_entropy(x, k=3)
+    assert torch.isfinite(h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(koleo_loss(x))  # log(0 + eps), no warning needed
+    with pytest.warns(RuntimeWarning, match="KSG assumes continuous data"):
+        assert torch.isfinite(ksg_mutual_information(x[:, 0], x[:, 1], k=3))
+
+
+def test_koleo_matches_dinov2_formula():
+    x = points((40, 8), seed=54)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    sim = xn @ xn.T
+    sim.fill_diagonal_(-2.0)
+    nn_idx = sim.argmax(1)
+    want = -torch.log(torch.linalg.vector_norm(xn - xn[nn_idx], dim=-1) + 1e-8).mean()
+    assert_close(koleo_loss(x), want, rtol=1e-10, atol=0, name="koleo")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_reported():
+    x = points((20, 3), torch.float32)
+
+    def bad(exc, match, fn):
+        with pytest.raises(exc, match=match):
+            fn()
+
+    bad(ValueError, "k must be >= 1", lambda: knn(x, k=0))
+    bad(ValueError, r"k = 20 exceeds the 19 candidate", lambda: knn(x, k=20))
+    bad(ValueError, r"k = 6 exceeds the 5 candidate", lambda: knn(x, points((5, 3), torch.float32), k=6))
+    bad(TypeError, "k must be an int", lambda: knn(x, k=2.0))
+    bad(ValueError, r"x must be \(N, d\) or batched", lambda: knn(x[0]))
+    bad(ValueError, "y must have x's dimension d = 3", lambda: knn(x, points((5, 4), torch.float32)))
+    bad(ValueError, "metric must be", lambda: knn(x, metric="manhattan"))
+    bad(
+        ValueError, "metric must be 'euclidean' or 'chebyshev' for knn_entropy", lambda: knn_entropy(x, metric="cosine")
+    )
+    bad(TypeError, "must be float32", lambda: knn(x.int()))
+    bad(ValueError, "on x's device", lambda: knn(x, x.to("meta")))
+    bad(ValueError, "x and y must pair up", lambda: ksg_mutual_information(x, x[:10]))
+    bad(ValueError, "variant must be 1 or 2", lambda: ksg_mutual_information(x, x, variant=3))
+    bad(ValueError, "impl must be", lambda: knn(x, impl="faiss"))
+    nan = x.clone()
+    nan[3, 1] = float("nan")
+    bad(ValueError, "1 non-finite values", lambda: knn_entropy(nan))
+    bad(ValueError, "eps must be a float > 0", lambda: koleo_loss(x, eps=0.0))
+    bad(ValueError, "base must be", lambda: knn_entropy(x, base=1))
+    assert infofuse.knn(x, k=1)[0].shape == (20, 1)
