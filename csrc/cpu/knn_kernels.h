@@ -395,7 +395,7 @@ static INFOFUSE_KNN_INLINE index_t count_group(const T* __restrict y, index_t d,
 #endif
 
 constexpr float kScreenRatio = 0.5f;  // screen only where α·(n_y + n_q) <= kScreenRatio·S
-constexpr int kRecheckLanes = 4;       // more points passing than this: rescan the leaf with the exact kernel
+constexpr int kRecheckLanes = 4;      // more points passing than this: rescan the leaf with the exact kernel
 constexpr float kScreenMin = 0x1p-60f;
 constexpr float kScreenMax = 0x1p100f;
 
