@@ -169,6 +169,26 @@ def test_knn_float64(metric, b, n, m, d, k, exclude_self):
     assert torch.equal(idx, ri), f"{(idx != ri).sum()} indices differ"
 
 
+@pytest.mark.parametrize("metric", [EUCLIDEAN, CHEBYSHEV])
+@pytest.mark.parametrize(
+    ("n", "m", "d", "k", "exclude_self"),
+    [(4000, 4000, 2, 5, True), (3000, 5000, 3, 40, False), (1, 5000, 2, 7, False), (3, 6000, 3, 1, False)],
+)
+def test_knn_many_leaves_float64(metric, n, m, d, k, exclude_self):
+    """Low d and many leaves, where the walk prunes most of the tree (checked on a subset of the queries)."""
+    gen = _gen(n + m + d)
+    x = _points(1, n, d, gen)
+    y = x if exclude_self else _points(1, m, d, gen)
+    dist, idx = ops.knn(x, y, k, metric, exclude_self)
+    rows = torch.arange(0, n, 3)
+    D = _dist64(x[:, rows], y, metric)
+    if exclude_self:
+        D[:, torch.arange(len(rows)), rows] = INF
+    rd, ri = torch.sort(D, dim=-1, stable=True)
+    assert torch.equal(idx[:, rows], ri[..., :k]), f"{(idx[:, rows] != ri[..., :k]).sum()} indices differ"
+    assert_close(dist[:, rows], rd[..., :k], rtol=1e-12, atol=0.0, name="distances")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("metric", [EUCLIDEAN, CHEBYSHEV])
 @pytest.mark.parametrize(("n", "m", "d", "k", "exclude_self"), [(90, 90, 3, 17, True), (70, 300, 2, 40, False)])
@@ -359,6 +379,28 @@ def test_knn_count_float64(strict, metric, n, d, kind):
     counts = ops.knn_count(x, r, metric, strict)
     want = _count_ref(D, r, strict)
     assert torch.equal(counts, want), f"{(counts != want).sum()} counts differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("metric", [EUCLIDEAN, CHEBYSHEV])
+def test_knn_count_shared_radius_clusters(dtype, strict, metric):
+    """Tight clusters far apart and one radius for all rows, equal to pairwise distances: whole subtrees of the
+    tree fall inside every query's radius (counted without a scan) or outside (skipped)."""
+    gen = _gen(21)
+    n, d = 1600, 3
+    centers = 8.0 * torch.randint(-3, 4, (1, 12, d), generator=gen).double()
+    x = centers[:, torch.randint(0, 12, (n,), generator=gen)] + _points(1, n, d, gen, kind="dyadic") / 2
+    x = _with_duplicates(x, gen, 50).to(dtype)
+    D = _dist_float32(x, x, metric) if dtype == torch.float32 else _dist64(x, x, metric)
+    r = D[:, 0, 1:].median(-1, keepdim=True).values.expand(1, n).contiguous()  # a pairwise distance of row 0
+    r[:, 5] = INF
+    counts = ops.knn_count(x, r, metric, strict)
+    want = _count_ref(D, r, strict)
+    if dtype == torch.float32 and metric == EUCLIDEAN and not torch.equal(counts, want):
+        want = _count_ref(_dist_float32(x, x, metric, fma=False), r, strict)
+    assert torch.equal(counts, want), f"{(counts != want).sum()} counts differ"
+    assert counts[0, 5] == n - 1
 
 
 @pytest.mark.parametrize("metric", [EUCLIDEAN, CHEBYSHEV])

@@ -394,8 +394,8 @@ static INFOFUSE_KNN_INLINE index_t count_group(const T* __restrict y, index_t d,
 #define INFOFUSE_KNN_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #endif
 
-constexpr float kScreenRatio = 0.5f;  // screen only where α·(n_y + n_q) <= kScreenRatio·S
-constexpr int kRecheckLanes = 4;      // more points passing than this: rescan the leaf with the exact kernel
+constexpr float kScreenRatio = 0.25f;  // screen only where α·(n_y + n_q) <= kScreenRatio·S
+constexpr int kRecheckLanes = 4;       // more points passing than this: rescan the leaf with the exact kernel
 constexpr float kScreenMin = 0x1p-60f;
 constexpr float kScreenMax = 0x1p100f;
 
