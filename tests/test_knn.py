@@ -34,7 +34,11 @@ def check_neighbours(x, y, k, metric, dist, idx):
     distances of the returned indices, the indices are distinct valid candidates, and the j-th returned distance
     equals the true j-th smallest distance (to the input dtype's rounding). Where the true distances are distinct
     beyond that rounding, the indices must be the true ones."""
-    want_d, want_i = knn_reference(x.double(), None if y is None else y.double(), k, metric=metric)
+    candidates = (x if y is None else y).shape[-2] - (1 if y is None else 0)
+    ahead = min(k + 1, candidates)  # one neighbour past the k-th, to see a near-tie at the boundary
+    want_d, want_i = knn_reference(x.double(), None if y is None else y.double(), ahead, metric=metric)
+    after = want_d[..., k:] if ahead > k else torch.full_like(want_d[..., :1], float("inf"))
+    want_d, want_i = want_d[..., :k], want_i[..., :k]
     x64 = x.double()
     y64 = x64 if y is None else y.double()
     assert dist.shape == want_d.shape and idx.shape == want_i.shape
@@ -55,10 +59,10 @@ def check_neighbours(x, y, k, metric, dist, idx):
     assert_close(got_d, own, rtol=rtol, atol=rtol, name="distances of the returned indices")
     assert_close(got_d, want_d.reshape(-1, k), rtol=rtol, atol=rtol, name="j-th distances")
     if y is None:
-        rows = torch.arange(x.shape[-2]).expand(*idx.shape[:-1])
+        rows = torch.arange(x.shape[-2], device=idx.device).expand(*idx.shape[:-1])
         assert not (idx == rows[..., None]).any(), "a point is its own neighbour"
     assert (torch.sort(idx, dim=-1).values.diff(dim=-1) != 0).all(), "repeated neighbour"
-    gap = torch.cat([want_d, torch.full_like(want_d[..., :1], float("inf"))], -1).diff(dim=-1)
+    gap = torch.cat([want_d, after], -1).diff(dim=-1)
     before = torch.cat([torch.full_like(want_d[..., :1], float("inf")), gap[..., :-1]], -1)
     clear = (gap.abs() > 1e-6 * want_d.abs().clamp(min=1e-3)) & (before.abs() > 1e-6 * want_d.abs().clamp(min=1e-3))
     if exact:
@@ -300,3 +304,31 @@ def test_bad_input_is_reported():
     bad(ValueError, "eps must be a float > 0", lambda: koleo_loss(x, eps=0.0))
     bad(ValueError, "base must be", lambda: knn_entropy(x, base=1))
     assert infofuse.knn(x, k=1)[0].shape == (20, 1)
+
+
+def test_triton_uncertified_queries_are_searched_again_exactly(monkeypatch):
+    """A query whose screening is not certified goes to the direct kernel: with an infinite error bound every query
+    does, and the answer is still brute force's (self excluded by index, duplicates, batches, queries vs points)."""
+    import infofuse.triton_kernels.knn as tk
+
+    monkeypatch.setattr(tk, "screen_error_bound", lambda nx, ny, d: torch.full(nx.shape, float("inf")).double())
+    x, y = points((67, 37), torch.float32, seed=20), points((131, 37), torch.float32, seed=21)
+    for k in (1, 5):
+        check_neighbours(x, None, k, "euclidean", *knn(x, k=k, impl="triton"))
+        check_neighbours(x, y, k, "euclidean", *knn(x, y, k=k, impl="triton"))
+    base = points((2, 10, 3), torch.float32, seed=22)
+    xb = torch.cat([base, base, base[:, :4]], dim=1)  # points i, i + 10 (and i + 20) coincide
+    dist, idx = knn(xb, k=3, impl="triton")
+    check_neighbours(xb, None, 3, "euclidean", dist, idx)
+    assert idx[0, 0].tolist() == [10, 20, idx[0, 0, 2].item()] and dist[0, 0, :2].tolist() == [0.0, 0.0]
+
+
+def test_triton_screening_bound_covers_its_error():
+    """The screened squared distances the kernel keeps are within screen_error_bound of the exact ones."""
+    from infofuse.triton_kernels.knn import knn_candidates
+
+    x = points((1, 67, 37), torch.float32, seed=23) * 3 + 1
+    screened, idx, bound = knn_candidates(x, x, 5, 0, True)
+    exact = torch.cdist(x.double(), x.double()).square().gather(-1, idx.clamp(min=0))
+    assert (idx >= 0).all() and bound.shape == (1, 67)
+    assert ((screened.double() - exact).abs() <= bound[..., None]).all()

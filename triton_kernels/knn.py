@@ -1,16 +1,19 @@
 """k nearest neighbours with a fused distance + k-selection kernel, and the marginal neighbour counts of KSG.
 
-``knn_candidates``: each program owns BLOCK_Q query rows of one batch entry and streams the candidates in tiles of
-BLOCK_C rows. A tile of distances is computed in registers — Chebyshev and float64 Euclidean by direct
-differences (exact), float32/bf16/fp16 Euclidean as ‖a‖² + ‖b‖² − 2a·b with ``tl.dot`` (a screening pass) — and
-merged into a running top-KP per query held in registers: while some query's best remaining tile entry beats its
-current worst kept entry, that entry replaces the worst (ties go to the smaller index: tiles arrive in index
-order and ``tl.argmin`` takes the leftmost minimum). Memory: O(N·KP) out, nothing N×M. KP is k plus a margin
-when the tile distances are screened: the caller recomputes the KP candidates' distances exactly and keeps the
-k best (``infofuse.knn``), so the selected distances are exact and the screening only has to rank the true k
-inside the top KP.
+Each program owns BLOCK_Q query rows of one batch entry and streams the candidates in tiles of BLOCK_C rows; a
+tile of distances lives only in registers and is merged into a running top-KP per query (while some query's best
+remaining tile entry beats its current worst kept entry, that entry replaces the worst; ties go to the smaller
+index: tiles arrive in index order and ``tl.argmin`` takes the leftmost minimum). Memory: O(N·KP) out, nothing
+N×M.
 
-``knn_counts``: per query, #{j ≠ i : dist(x_i, x_j) < r_i} (or ≤), by direct differences tile by tile.
+- ``knn_screen`` (float32/bf16/fp16 Euclidean): squared distances ‖a‖² + ‖b‖² − 2a·b with the matrix unit
+  (``tl.dot`` in TF32 on the GPU; the norms are computed once, outside the kernel) and KP = k plus a margin. The
+  caller (``infofuse._ops.knn``) recomputes the KP candidates' distances exactly, keeps the k best, and certifies
+  each query with the error bound of the screening (``screen_error_bound``): a query whose k-th exact distance is
+  not below its KP-th screened distance minus the bound is searched again by the direct kernel. So the selected
+  neighbours and distances are exact; the screening only decides how much work is spent.
+- ``knn_direct`` (Chebyshev, float64, and the re-searched queries): distances by direct differences, exact.
+- ``knn_counts``: per query, #{j ≠ i : dist(x_i, x_j) < r_i} (or ≤), by direct differences tile by tile.
 
 All row, column and feature offsets are int64.
 """
@@ -21,95 +24,154 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_candidates", "knn_counts"]
+__all__ = ["knn_candidates", "knn_counts", "screen_error_bound"]
 
 
 @triton.jit
 def _distance_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC: tl.constexpr,
-                   DIRECT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """(BLOCK_Q × BLOCK_C) tile: squared Euclidean (METRIC 0) or Chebyshev (METRIC 1) distances in ACC."""
+                   ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """(BLOCK_Q × BLOCK_C) tile by direct differences in ACC: squared Euclidean (METRIC 0) or Chebyshev (1)."""
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
-    if DIRECT:
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            a = tl.load(x_ptr + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & d_mask[None, :],
-                        other=0.0).to(ACC)  # fmt: skip
-            b = tl.load(y_ptr + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & d_mask[None, :],
-                        other=0.0).to(ACC)  # fmt: skip
-            diff = a[:, None, :] - b[None, :, :]
-            if METRIC == 1:
-                acc = tl.maximum(acc, tl.max(tl.abs(diff), axis=2))
-            else:
-                acc += tl.sum(diff * diff, axis=2)
-    else:
-        na = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        nb = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            a = tl.load(x_ptr + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
-            b = tl.load(y_ptr + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & d_mask[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-            na += tl.sum(a * a, axis=1)
-            nb += tl.sum(b * b, axis=1)
-        acc = tl.maximum(na[:, None] + nb[None, :] - 2.0 * acc, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        a = tl.load(x_ptr + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(ACC)  # fmt: skip
+        b = tl.load(y_ptr + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0).to(ACC)  # fmt: skip
+        diff = a[:, None, :] - b[None, :, :]
+        if METRIC == 1:
+            acc = tl.maximum(acc, tl.max(tl.abs(diff), axis=2))
+        else:
+            acc += tl.sum(diff * diff, axis=2)
     return acc
 
 
 @triton.jit
-def _knn_kernel(
-    x_ptr, y_ptr, out_d_ptr, out_i_ptr,
-    N, M, D, K,
-    sxb, sxn, sxd, syb, syn, syd,
-    EXCLUDE_SELF: tl.constexpr, METRIC: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+def _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q: tl.constexpr):
+    """This program's batch entry, its x and y bases, and its BLOCK_Q query rows (int64) with their mask."""
     pid = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
-    x_b = x_ptr + batch * sxb
-    y_b = y_ptr + batch * syb
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
-    row_mask = rows < N
+    return batch, x_ptr + batch * sxb, y_ptr + batch * syb, rows, rows < N
+
+
+@triton.jit
+def _empty_kept(K, ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Per query KP slots of kept (distance, index), the first K real (+inf), the rest padding that never counts as
+    the worst (-inf); indices are distinct negative placeholders."""
     slot = tl.arange(0, KP)[None, :]
     real = slot < K
     zero = tl.zeros((BLOCK_Q, KP), dtype=ACC)
-    best_d = tl.where(real, zero + float("inf"), zero - float("inf"))  # padding slots never count as worst
-    best_i = tl.zeros((BLOCK_Q, KP), dtype=tl.int64) - (slot + 1).to(tl.int64)  # distinct placeholders
+    best_d = tl.where(real, zero + float("inf"), zero - float("inf"))
+    best_i = tl.zeros((BLOCK_Q, KP), dtype=tl.int64) - (slot + 1).to(tl.int64)
+    return slot, real, best_d, best_i
+
+
+@triton.jit
+def _knn_direct_kernel(
+    x_ptr, y_ptr, out_d_ptr, out_i_ptr,
+    N, M, D, K,
+    sxb, sxn, sxd, syb, syn, syd,
+    EXCLUDE_SELF: tl.constexpr, METRIC: tl.constexpr, ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
+    slot, real, best_d, best_i = _empty_kept(K, ACC, KP, BLOCK_Q)
     for c0 in range(0, M, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < M
-        t = _distance_tile(x_b, y_b, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC, DIRECT,
-                           PRECISION, ACC, BLOCK_Q, BLOCK_C, BLOCK_D)  # fmt: skip
-        t = tl.where(col_mask[None, :], t, float("inf"))
-        if EXCLUDE_SELF:
-            t = tl.where(rows[:, None] == cols[None, :], float("inf"), t)
+        t = _distance_tile(x_b, y_b, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC, ACC, BLOCK_Q,
+                           BLOCK_C, BLOCK_D)  # fmt: skip
+        best_d, best_i = _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF)
+    _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP,
+                  KP)  # fmt: skip
+
+
+@triton.jit
+def _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF: tl.constexpr):
+    """Merge a (BLOCK_Q × BLOCK_C) distance tile into each query's kept (distance, index) entries."""
+    t = tl.where(col_mask[None, :], t, float("inf"))
+    if EXCLUDE_SELF:
+        t = tl.where(rows[:, None] == cols[None, :], float("inf"), t)
+    more = tl.max((row_mask & (tl.min(t, axis=1) < tl.max(best_d, axis=1))).to(tl.int32), axis=0) > 0
+    while more:
+        c_min = tl.min(t, axis=1)
+        c_arg = c0 + tl.argmin(t, axis=1).to(tl.int64)
+        worst = tl.max(best_d, axis=1)
+        w_idx = tl.max(tl.where(best_d == worst[:, None], best_i, -(1 << 62)), axis=1)  # the worst's index
+        take = row_mask & (c_min < worst)
+        hit = take[:, None] & (best_i == w_idx[:, None])
+        best_d = tl.where(hit, c_min[:, None], best_d)
+        best_i = tl.where(hit, c_arg[:, None], best_i)
+        t = tl.where(cols[None, :] == c_arg[:, None], float("inf"), t)  # taken (or no better than kept)
         more = tl.max((row_mask & (tl.min(t, axis=1) < tl.max(best_d, axis=1))).to(tl.int32), axis=0) > 0
-        while more:
-            c_min = tl.min(t, axis=1)
-            c_arg = c0 + tl.argmin(t, axis=1).to(tl.int64)
-            worst = tl.max(best_d, axis=1)
-            w_idx = tl.max(tl.where(best_d == worst[:, None], best_i, -(1 << 62)), axis=1)  # the worst's index
-            take = row_mask & (c_min < worst)
-            hit = take[:, None] & (best_i == w_idx[:, None])
-            best_d = tl.where(hit, c_min[:, None], best_d)
-            best_i = tl.where(hit, c_arg[:, None], best_i)
-            t = tl.where(cols[None, :] == c_arg[:, None], float("inf"), t)  # taken (or no better than kept)
-            more = tl.max((row_mask & (tl.min(t, axis=1) < tl.max(best_d, axis=1))).to(tl.int32), axis=0) > 0
-    # out: the kept entries in (distance, index) order
+    return best_d, best_i
+
+
+@triton.jit
+def _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr, out_i_ptr, KP: tl.constexpr):
+    """Write the kept entries in (distance, index) order; slots past them get +inf and index -1."""
     out = rows[:, None] * KP + slot
     for j in range(0, KP):
         m = tl.min(tl.where(real, best_d, float("inf")), axis=1)
         m_idx = tl.min(tl.where(real & (best_d == m[:, None]), best_i, 1 << 62), axis=1)
         sel = slot == j
         written = tl.where(m_idx >= (1 << 62), -1, m_idx)  # past the kept entries: "no candidate"
-        tl.store(out_d_ptr + batch * N * KP + out, tl.where(sel, m[:, None], 0.0), mask=row_mask[:, None] & sel)
-        tl.store(out_i_ptr + batch * N * KP + out, tl.where(sel, written[:, None], 0), mask=row_mask[:, None] & sel)
+        tl.store(out_d_ptr + out, tl.where(sel, m[:, None], 0.0), mask=row_mask[:, None] & sel)
+        tl.store(out_i_ptr + out, tl.where(sel, written[:, None], 0), mask=row_mask[:, None] & sel)
         best_d = tl.where(best_i == m_idx[:, None], float("inf"), best_d)
         best_i = tl.where(best_i == m_idx[:, None], 1 << 62, best_i)
+
+
+@triton.jit
+def _knn_screen_kernel(
+    x_ptr, y_ptr, nx_ptr, ny_ptr, out_d_ptr, out_i_ptr,
+    N, M, D, K,
+    sxb, sxn, sxd, syb, syn, syd,
+    EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, KP: tl.constexpr, ONE_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Squared Euclidean screening: ‖a‖² + ‖b‖² − 2a·b with the norms precomputed (nx, ny: float32 (B, N), (B, M)).
+    ONE_D: D ≤ BLOCK_D, and the query block is loaded once for all candidate tiles."""
+    batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
+    nq = tl.load(nx_ptr + batch * N + rows, mask=row_mask, other=0.0)
+    ds = tl.arange(0, BLOCK_D).to(tl.int64)
+    if ONE_D:
+        a_all = tl.load(x_b + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & (ds < D)[None, :],
+                        other=0.0).to(tl.float32)  # fmt: skip
+    else:
+        a_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    slot, real, best_d, best_i = _empty_kept(K, tl.float32, KP, BLOCK_Q)
+    for c0 in range(0, M, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < M
+        acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        if ONE_D:
+            b = tl.load(y_b + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & (ds < D)[None, :],
+                        other=0.0).to(tl.float32)  # fmt: skip
+            acc = tl.dot(a_all, tl.trans(b), acc, input_precision=PRECISION)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + ds
+                a = tl.load(x_b + rows[:, None] * sxn + dd[None, :] * sxd,
+                            mask=row_mask[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                b = tl.load(y_b + cols[:, None] * syn + dd[None, :] * syd,
+                            mask=col_mask[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        nb = tl.load(ny_ptr + batch * M + cols, mask=col_mask, other=0.0)
+        t = nq[:, None] + nb[None, :] - 2.0 * acc
+        best_d, best_i = _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF)
+    _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP,
+                  KP)  # fmt: skip
+
+
+# Tried in turn on the first call for each (D, K) on a GPU (K = KP ≤ 32); the interpreter uses fixed sizes.
+_SCREEN_CONFIGS = [
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+]
+_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "K"])(_knn_screen_kernel)
 
 
 @triton.jit
@@ -120,18 +182,14 @@ def _knn_count_kernel(
     METRIC: tl.constexpr, STRICT: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(1).to(tl.int64)
-    x_b = x_ptr + batch * sxb
-    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
-    row_mask = rows < N
+    batch, x_b, _, rows, row_mask = _program_rows(x_ptr, x_ptr, sxb, sxb, N, BLOCK_Q)
     r = tl.load(r_ptr + batch * N + rows, mask=row_mask, other=0.0)
     count = tl.zeros((BLOCK_Q,), dtype=tl.int64)
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < N
-        t = _distance_tile(x_b, x_b, rows, cols, row_mask, col_mask, D, sxn, sxd, sxn, sxd, METRIC, True, "ieee",
-                           ACC, BLOCK_Q, BLOCK_C, BLOCK_D)  # fmt: skip
+        t = _distance_tile(x_b, x_b, rows, cols, row_mask, col_mask, D, sxn, sxd, sxn, sxd, METRIC, ACC, BLOCK_Q,
+                           BLOCK_C, BLOCK_D)  # fmt: skip
         if METRIC == 0:
             t = tl.sqrt(t)
         if STRICT:
@@ -147,33 +205,62 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool):
-    """(B, N, KP) candidate distances (squared for Euclidean; screened) and indices, KP ≥ k, in (distance,
-    index) order; slots beyond the candidates hold +inf and negative indices. Returns (distances, indices, exact):
-    ``exact`` says whether the tile distances were exact (no screening margin was needed)."""
+def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
+                   direct: bool | None = None):  # fmt: skip
+    """(B, N, KP) candidates in (distance, index) order, KP ≥ k; slots beyond the candidates hold +inf and index -1.
+
+    Returns (distances, indices, bound). Direct search (Chebyshev, float64, or ``direct=True``): KP = k rounded up
+    to a power of two, distances exact (squared for Euclidean), ``bound`` None. Screening (float32/bf16/fp16
+    Euclidean): KP = k plus a margin, squared distances from the matrix unit, and ``bound`` (B, N) float64 bounds
+    |screened − exact squared distance| for every candidate of each query (``screen_error_bound``)."""
     b, n, d = x.shape
     m = y.shape[1]
-    direct = metric == 1 or x.dtype == torch.float64
-    margin = 0 if direct else max(4, k // 2)
-    kp = triton.next_power_of_2(k + margin)
+    if direct is None:
+        direct = metric == 1 or x.dtype == torch.float64
+    kp = triton.next_power_of_2(k if direct else k + max(4, k // 2))
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out_d = torch.empty((b, n, kp), dtype=acc_dtype, device=x.device)
     out_i = torch.empty((b, n, kp), dtype=torch.int64, device=x.device)
-    if n == 0:
-        return out_d, out_i, direct
-    if x.is_cuda:
-        meta = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8 if direct else 32, "num_warps": 4}
-        precision = "tf32x3" if x.dtype == torch.float32 else "ieee"
-    else:  # the interpreter
-        meta = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}
-        precision = "ieee"
-    grid = (triton.cdiv(n, meta["BLOCK_Q"]), b)
-    _knn_kernel[grid](
-        x, y, out_d, out_i, n, m, d, min(kp, k + margin), x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-        y.stride(1), y.stride(2), EXCLUDE_SELF=exclude_self, METRIC=metric, DIRECT=direct, PRECISION=precision,
-        ACC=_acc(x.dtype), KP=kp, **meta,
-    )  # fmt: skip
-    return out_d, out_i, direct
+    if direct:
+        if n:
+            meta = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4} if x.is_cuda else {
+                "BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}  # fmt: skip
+            _knn_direct_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](
+                x, y, out_d, out_i, n, m, d, k, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
+                y.stride(2), EXCLUDE_SELF=exclude_self, METRIC=metric, ACC=_acc(x.dtype), KP=kp, **meta,
+            )  # fmt: skip
+        return out_d, out_i, None
+    nx = x.float().square().sum(-1).contiguous()
+    ny = nx if y is x else y.float().square().sum(-1).contiguous()
+    if n:
+        block_d = max(16, triton.next_power_of_2(d))
+        one_d = block_d <= 128
+        args = (x, y, nx, ny, out_d, out_i, n, m, d, kp, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
+                y.stride(1), y.stride(2))  # fmt: skip
+        consts = {"EXCLUDE_SELF": exclude_self, "KP": kp, "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64}
+        if x.is_cuda and kp <= 32:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
+            _knn_screen_tuned[grid](*args, PRECISION="tf32", **consts)
+        elif x.is_cuda:  # large k: the kept entries need the registers
+            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, PRECISION="tf32", BLOCK_Q=32, BLOCK_C=64, num_warps=4,
+                                                       **consts)  # fmt: skip
+        else:  # the interpreter
+            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, PRECISION="ieee", BLOCK_Q=32, BLOCK_C=64, **consts)
+    return out_d, out_i, screen_error_bound(nx, ny, d)
+
+
+def screen_error_bound(nx: torch.Tensor, ny: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, N) float64 bound on |screened − exact| squared distance between query i and any candidate.
+
+    The screening computes fl(‖a‖² + ‖b‖² − 2·dot) with the dot on the matrix unit: TF32 keeps 10 of float32's 23
+    mantissa bits of each operand (each product off by at most 2⁻⁹ relative, truncation included) and sums in
+    float32 (d·2⁻²⁴ relative to Σ|aᵢbᵢ| ≤ ‖a‖‖b‖); the norms and the two additions add (d + 6)·2⁻²⁴·(‖a‖² + ‖b‖²).
+    With ‖b‖ ≤ max over the candidates, and a factor 2 of safety over this first-order count."""
+    nx64 = nx.double()
+    ymax = ny.double().amax(dim=-1, keepdim=True) if ny.shape[-1] else torch.zeros_like(nx64[..., :1])
+    dot = (2.0**-9 + 2.0**-20 + d * 2.0**-24) * nx64.sqrt() * ymax.sqrt()
+    norms = (d + 6) * 2.0**-24 * (nx64 + ymax)
+    return 2.0 * (2.0 * dot + 2.0 * norms)
 
 
 def knn_counts(x: torch.Tensor, radius: torch.Tensor, metric: int, strict: bool) -> torch.Tensor:

@@ -53,20 +53,54 @@ def exact_distances(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, metric:
     return out
 
 
+def _rerank(x, y, idx, k, metric):
+    """The k best of the candidates ``idx`` by exact distance, in (distance, index) order."""
+    dist = exact_distances(x, y, idx, metric)
+    by_index, order = torch.sort(idx, dim=-1)  # sort by index, then stably by the exact distance
+    dist = torch.gather(dist, -1, order).masked_fill(by_index < 0, float("inf"))
+    dist, order = torch.sort(dist, dim=-1, stable=True)
+    return dist[..., :k].contiguous(), torch.gather(by_index, -1, order)[..., :k].contiguous()
+
+
 def _knn_triton(x, y, k, metric, exclude_self):
     from infofuse.triton_kernels.knn import knn_candidates
 
     reason = triton_usable(x.device)
     if reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    _, idx, _ = knn_candidates(x, y, k, metric, exclude_self)
-    dist = exact_distances(x, y, idx, metric)
-    # (distance, index) order: sort by index, then stably by the exact distance; keep k
-    by_index, order = torch.sort(idx, dim=-1)
-    dist = torch.gather(dist, -1, order)
-    dist = dist.masked_fill(by_index < 0, float("inf"))
-    dist, order = torch.sort(dist, dim=-1, stable=True)
-    return dist[..., :k].contiguous(), torch.gather(by_index, -1, order)[..., :k].contiguous()
+    screened, idx, bound = knn_candidates(x, y, k, metric, exclude_self)
+    dist, idx_k = _rerank(x, y, idx, k, metric)
+    if bound is None or k == 0 or x.shape[1] == 0:
+        return dist, idx_k
+    # Certificate: a candidate left out has screened distance >= the last kept one, so its exact squared
+    # distance is >= that minus the bound; below it, the k-th exact distance cannot be beaten (strict: ties
+    # go to the smaller index, which may be one left out).
+    kth = dist[..., k - 1].double() * (1 + 2.0**-18)
+    certified = kth.square() < screened[..., -1].double() - bound
+    if not bool(certified.all()):
+        _research(x, y, k, metric, exclude_self, ~certified, dist, idx_k)
+    return dist, idx_k
+
+
+def _research(x, y, k, metric, exclude_self, redo, dist, idx):
+    """Search the queries marked in ``redo`` again with the direct (exact) kernel; results written in place."""
+    from infofuse.triton_kernels.knn import knn_candidates
+
+    m = y.shape[1]
+    for bi in redo.any(dim=1).nonzero().flatten().tolist():
+        rows = redo[bi].nonzero().flatten()
+        xs = x[bi, rows][None]
+        kk = min(k + 1, m) if exclude_self else k  # the query itself may come back: one more, then drop it
+        _, cand, _ = knn_candidates(xs, y[bi : bi + 1], kk, metric, False, direct=True)
+        if exclude_self:
+            cand = cand[..., :kk]
+            own = cand == rows[None, :, None]
+            drop = torch.where(own.any(-1), own.int().argmax(-1), kk - 1)  # the query, else the last
+            keep = torch.arange(kk, device=x.device)[None, None, :] != drop[..., None]
+            cand = cand[keep].reshape(1, rows.numel(), kk - 1)
+        d_rows, i_rows = _rerank(xs, y[bi : bi + 1], cand, k, metric)
+        dist[bi, rows] = d_rows[0]
+        idx[bi, rows] = i_rows[0]
 
 
 def _knn_count_triton(x, radius, metric, strict):
