@@ -305,6 +305,8 @@ def _time_round_robin(fns: dict, inputs: Inputs, opts: Options, ref, labels, adv
                     samples[name]["both"].append(fwd + bwd)
                 del loss
                 _clear_grads(inputs.leaves)
+                advance(f"  {name}: {'warm-up' if rep < opts.warmup else 'rep'} {rep + 1}, {fwd + bwd:.1f} ms")
+                continue
             advance()
     return samples, accuracy, failed
 
@@ -773,11 +775,17 @@ def run(opts: Options, console=None) -> tuple[list[dict], list[Path]]:
         ) as progress:
             task = progress.add_task("starting", total=total)
 
-            def advance():
+            log = not console.is_terminal  # a log file also gets each step as a line: a run cut short says where
+
+            def advance(text=None):
                 progress.advance(task)
+                if log and text:
+                    console.print(f"{time.perf_counter() - t_start:7.1f} s {text}", highlight=False)
 
             def say(text):
                 progress.update(task, description=text)
+                if log:
+                    console.print(f"{time.perf_counter() - t_start:7.1f} s {text}", highlight=False)
 
             for case, config, peers, skipped in plans:
                 config_rows = _run_config(case, config, peers, skipped, opts, env, advance, say)

@@ -123,7 +123,14 @@ class InfoNCECase(Case):
 
                     return inf_cl
 
-                peers.append(Peer("inf-cl", build, note="cal_flash_loss both ways (D must be a multiple of 256)"))
+                peers.append(
+                    Peer(
+                        "inf-cl",
+                        build,
+                        probe=False,  # the probe's D = 16 is no multiple of 256
+                        note="cal_flash_loss both ways (D must be a multiple of 256)",
+                    )
+                )
             except Exception as exc:
                 peers.append(Peer("inf-cl", None, skip=f"not installed ({_first_line(exc)})"))
         return peers

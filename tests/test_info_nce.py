@@ -45,7 +45,11 @@ def grads(fn, tensors, upstream_seed=1):
     """Loss and gradients of ``fn(*tensors)`` under a non-trivial upstream gradient (per row for "none")."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
     loss = fn(*leaves)
-    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) if loss.dim() else 1.7
+    up = (
+        torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+        if loss.dim()
+        else 1.7
+    )
     (loss * up).sum().backward()
     return [loss.detach()] + [t.grad for t in leaves if t.requires_grad]
 

@@ -66,7 +66,7 @@ def run(fn, x, w, t, b, *, grad_scale=1.7, lse_grad=None, **kw):
     if loss.dim() == 0:
         total = loss * grad_scale
     else:
-        g = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        g = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
         total = (loss * g).sum()
     if lse_grad is not None:
         total = total + (lse * lse_grad).sum()
