@@ -472,9 +472,16 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
     what = f"inputs and {opts.ref_dtype} reference" if opts.ref_dtype else "inputs"
     say(f"{case.op} {config.model} {_shape_str(case, config.shape)}: {what}")
     inputs = case.make_inputs(config.shape, config.model, dtype, opts.device, opts.seed)
-    ref = None
-    if opts.ref_dtype is not None:
-        ref = case.reference(inputs, getattr(torch, opts.ref_dtype))
+    ref, ref_dtype = None, opts.ref_dtype
+    if ref_dtype is not None:
+        try:
+            ref = case.reference(inputs, getattr(torch, ref_dtype))
+        except (torch.OutOfMemoryError, MemoryError):  # a dense ground truth at a shape made to avoid it
+            ref_dtype = None
+            if on_gpu:
+                torch.cuda.empty_cache()
+            say(f"{case.op} {config.model} {_shape_str(case, config.shape)}: the {opts.ref_dtype} reference does not "
+                "fit in memory; no accuracy columns here (try --ref-dtype float32)")  # fmt: skip
         gc.collect()
     advance()
 
@@ -519,7 +526,7 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
         "reps": opts.reps,
         "warmup": opts.warmup,
         "seed": opts.seed,
-        "ref_dtype": opts.ref_dtype,
+        "ref_dtype": ref_dtype,
         "memory_method": mem_method,
         "other_cpu": other_cpu,
         "date": env["date"],

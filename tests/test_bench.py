@@ -160,3 +160,19 @@ def test_quick_run_appends_and_plots(quick_run, tmp_path):
     copy.write_text(json.dumps(rows))
     write_json(copy, rows[:1])
     assert len(json.loads(copy.read_text())) == len(rows) + 1
+
+
+def test_reference_out_of_memory_leaves_out_the_accuracy_columns(monkeypatch, tmp_path, capsys):
+    """A ground truth too large for the device is reported and skipped; the timings still come out."""
+    from infofuse.bench.linear_cross_entropy import CASE
+
+    def oom(inputs, dtype):
+        raise torch.OutOfMemoryError("planted")
+
+    monkeypatch.setattr(CASE, "reference", oom)
+    argv = ["--quick", "--device", "cpu", "--op", "linear_cross_entropy", "--peers", "eager", "--no-memory"]
+    assert bench_main([*argv, "--shape", "64,16,128", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["ref_dtype"] is None and "grad_rel_err" not in rows[0]
+    assert _finite_positive(rows[0]["both_ms"]["median"])
+    assert "does not fit in memory" in capsys.readouterr().out
