@@ -33,6 +33,11 @@ build_extension() {  # editable install against the machine's torch, or a _C*.so
   INFOFUSE_CUDA_ARCHS=${INFOFUSE_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-8} \
     python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . && gzip -c "$so" >"$OUT/$(basename "$so").gz"
 }
+gpu_pytest() {  # gpu_pytest NAME LIMIT PER_TEST_TIMEOUT PYTEST_ARGS...: tests/test_gpu.py in 4 workers
+  local name=$1 limit=$2 per_test=$3; shift 3
+  stage "$name" "$limit" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" --timeout "$per_test" \
+    --junitxml "$OUT/$name.xml" tests/test_gpu.py "$@" ${TEST_ARGS:-}
+}
 export -f build_extension
 # Without an install, the package layout of pyproject.toml by links (infofuse.bench, infofuse.triton_kernels)
 [ -e python/infofuse/bench ] || ln -s ../../bench python/infofuse/bench
@@ -48,16 +53,13 @@ for s in "$@"; do
     build-test)  # the build beside the tests that need no extension, then the k-NN tests that use it
       ( build_extension >"$OUT/build.log" 2>&1; echo "build rc=$?" >>"$OUT/build.log" ) &
       bp=$!
-      stage test-triton "${TEST_TIMEOUT:-330}" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" \
-        --timeout 240 --junitxml "$OUT/test-triton.xml" tests/test_gpu.py -k "not knn" ${TEST_ARGS:-}
+      gpu_pytest test-triton "${TEST_TIMEOUT:-330}" 240 -k "not knn"
       wait $bp
       tail -n 5 "$OUT/build.log"
       python3 -c "import infofuse; print(infofuse._ext.build_info())" 2>&1 | tee -a "$OUT/build.log"
-      stage test-knn "${TEST_TIMEOUT:-240}" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" \
-        --timeout 200 --junitxml "$OUT/test-knn.xml" tests/test_gpu.py -k knn ${TEST_ARGS:-} ;;
+      gpu_pytest test-knn "${TEST_TIMEOUT:-240}" 200 -k knn ;;
     test)
-      stage test "${TEST_TIMEOUT:-420}" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" --timeout 240 \
-        --junitxml "$OUT/test-junit.xml" tests/test_gpu.py ${TEST_ARGS:-} ;;
+      gpu_pytest test "${TEST_TIMEOUT:-420}" 240 ;;
     sanitize)  # SMOKE_ONLY=lce|info_nce|knn narrows the memcheck run
       stage memcheck "${SAN_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m infofuse.bench.gpu_smoke \
         ${SMOKE_ONLY:+--only $SMOKE_ONLY}

@@ -784,15 +784,17 @@ def run(opts: Options, console=None) -> tuple[list[dict], list[Path]]:
 
             log = not console.is_terminal  # a log file also gets each step as a line: a run cut short says where
 
-            def advance(text=None):
-                progress.advance(task)
+            def log_line(text):
                 if log and text:
                     console.print(f"{time.perf_counter() - t_start:7.1f} s {text}", highlight=False)
 
+            def advance(text=None):
+                progress.advance(task)
+                log_line(text)
+
             def say(text):
                 progress.update(task, description=text)
-                if log:
-                    console.print(f"{time.perf_counter() - t_start:7.1f} s {text}", highlight=False)
+                log_line(text)
 
             for case, config, peers, skipped in plans:
                 config_rows = _run_config(case, config, peers, skipped, opts, env, advance, say)

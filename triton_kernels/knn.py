@@ -205,6 +205,13 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _direct_meta(x: torch.Tensor) -> dict:
+    """Block sizes of the direct-difference kernels (search and counts): on the GPU, or in the interpreter."""
+    if x.is_cuda:
+        return {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4}
+    return {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}
+
+
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
                    direct: bool | None = None):  # fmt: skip
     """(B, N, KP) candidates in (distance, index) order, KP ≥ k; slots beyond the candidates hold +inf and index -1.
@@ -223,8 +230,7 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     out_i = torch.empty((b, n, kp), dtype=torch.int64, device=x.device)
     if direct:
         if n:
-            meta = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4} if x.is_cuda else {
-                "BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}  # fmt: skip
+            meta = _direct_meta(x)
             _knn_direct_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](
                 x, y, out_d, out_i, n, m, d, k, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
                 y.stride(2), EXCLUDE_SELF=exclude_self, METRIC=metric, ACC=_acc(x.dtype), KP=kp, **meta,
@@ -270,8 +276,7 @@ def knn_counts(x: torch.Tensor, radius: torch.Tensor, metric: int, strict: bool)
     if n == 0:
         return out
     radius = radius.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
-    meta = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4} if x.is_cuda else {
-        "BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}  # fmt: skip
+    meta = _direct_meta(x)
     _knn_count_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](
         x, radius, out, n, d, x.stride(0), x.stride(1), x.stride(2), METRIC=metric, STRICT=strict,
         ACC=_acc(x.dtype), **meta,
