@@ -306,29 +306,73 @@ def test_bad_input_is_reported():
     assert infofuse.knn(x, k=1)[0].shape == (20, 1)
 
 
-def test_triton_uncertified_queries_are_searched_again_exactly(monkeypatch):
-    """A query whose screening is not certified goes to the direct kernel: with an infinite error bound every query
-    does, and the answer is still brute force's (self excluded by index, duplicates, batches, queries vs points)."""
+@pytest.mark.parametrize("failing", [("tf32",), ("tf32", "tf32x3")])
+def test_triton_uncertified_queries_are_searched_again_exactly(monkeypatch, failing):
+    """A query whose TF32 screening is not certified is screened again in 3×TF32, and one still not certified goes
+    to the direct kernel: with an infinite bound for the failing tiers every query takes that path, and the answer
+    is still brute force's (self excluded by index, duplicates, batches, queries vs points)."""
     import infofuse.triton_kernels.knn as tk
+    from infofuse._ops.knn import last_search_tiers
 
-    monkeypatch.setattr(tk, "screen_error_bound", lambda nx, ny, d: torch.full(nx.shape, float("inf")).double())
+    real = tk.screen_error_bound
+
+    def bound(nx, ny, d, precision):
+        return torch.full_like(nx, float("inf")) if precision in failing else real(nx, ny, d, precision)
+
+    monkeypatch.setattr(tk, "screen_error_bound", bound)
     x, y = points((67, 37), torch.float32, seed=20), points((131, 37), torch.float32, seed=21)
+    direct = 67 if "tf32x3" in failing else 0
     for k in (1, 5):
         check_neighbours(x, None, k, "euclidean", *knn(x, k=k, impl="triton"))
+        assert last_search_tiers == {"queries": 67, "tf32x3": 67, "direct": direct}
         check_neighbours(x, y, k, "euclidean", *knn(x, y, k=k, impl="triton"))
+        assert last_search_tiers == {"queries": 67, "tf32x3": 67, "direct": direct}
     base = points((2, 10, 3), torch.float32, seed=22)
     xb = torch.cat([base, base, base[:, :4]], dim=1)  # points i, i + 10 (and i + 20) coincide
     dist, idx = knn(xb, k=3, impl="triton")
     check_neighbours(xb, None, 3, "euclidean", dist, idx)
     assert idx[0, 0].tolist() == [10, 20, idx[0, 0, 2].item()] and dist[0, 0, :2].tolist() == [0.0, 0.0]
+    assert last_search_tiers["tf32x3"] == 48
 
 
-def test_triton_screening_bound_covers_its_error():
-    """The screened squared distances the kernel keeps are within screen_error_bound of the exact ones."""
-    from infofuse.triton_kernels.knn import knn_candidates
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("offset", [1.0, 40.0])
+def test_triton_screening_bound_covers_its_error(precision, offset):
+    """The screened squared distances the kernel keeps are within screen_error_bound of the exact ones, centred
+    (a large common offset) or not."""
+    from infofuse.triton_kernels.knn import knn_candidates, screen_centre
 
-    x = points((1, 67, 37), torch.float32, seed=23) * 3 + 1
-    screened, idx, bound = knn_candidates(x, x, 5, 0, True)
+    x = points((1, 67, 37), torch.float32, seed=23) * 3 + offset
+    assert (screen_centre(x)[0] is not None) == (offset > 10)
+    screened, idx, bound = knn_candidates(x, x, 5, 0, True, precision=precision)
     exact = torch.cdist(x.double(), x.double()).square().gather(-1, idx.clamp(min=0))
     assert (idx >= 0).all() and bound.shape == (1, 67)
     assert ((screened.double() - exact).abs() <= bound[..., None]).all()
+
+
+def test_triton_centring_certifies_points_far_from_the_origin(monkeypatch):
+    """Points with a common offset 40 times their spread: screened relative to their mean, every query is certified
+    by the first tier; screened as they are, the bound (which grows with the norms) certifies none."""
+    import infofuse.triton_kernels.knn as tk
+    from infofuse._ops.knn import last_search_tiers
+
+    x = points((2, 70, 24), torch.float32, seed=24) + 40.0
+    check_neighbours(x, None, 4, "euclidean", *knn(x, k=4, impl="triton"))
+    assert last_search_tiers == {"queries": 140, "tf32x3": 0, "direct": 0}
+    monkeypatch.setattr(tk, "CENTRE_GAIN", 0.0)  # never centre
+    check_neighbours(x, None, 4, "euclidean", *knn(x, k=4, impl="triton"))
+    assert last_search_tiers["tf32x3"] == 140
+
+
+def test_screen_norms_by_chunks(monkeypatch):
+    """The float64 norms and the centre are summed by row chunks: the same values as in one piece."""
+    import infofuse.triton_kernels.knn as tk
+
+    y = points((2, 300, 7), torch.float32, seed=25, noncontig=True) + 5.0
+    mu = y.double().mean(1)
+    want = (y.double() - mu.float().double()[:, None]).square().sum(-1)
+    monkeypatch.setattr(tk, "_NORM_BYTES", 2 * 7 * 8 * 16)  # 16 rows a chunk
+    got_mu, got = tk.screen_centre(y)
+    assert_close(got_mu, mu.float(), rtol=0, atol=0, name="centre")
+    assert_close(got, want, rtol=1e-15, atol=0, name="centred norms")
+    assert_close(tk.squared_norms(y, None), y.double().square().sum(-1), rtol=1e-15, atol=0, name="norms")

@@ -7,11 +7,13 @@ index: tiles arrive in index order and ``tl.argmin`` takes the leftmost minimum)
 N×M.
 
 - ``knn_screen`` (float32/bf16/fp16 Euclidean): squared distances ‖a‖² + ‖b‖² − 2a·b with the matrix unit
-  (``tl.dot`` in TF32 on the GPU; the norms are computed once, outside the kernel) and KP = k plus a margin. The
-  caller (``infofuse._ops.knn``) recomputes the KP candidates' distances exactly, keeps the k best, and certifies
-  each query with the error bound of the screening (``screen_error_bound``): a query whose k-th exact distance is
-  not below its KP-th screened distance minus the bound is searched again by the direct kernel. So the selected
-  neighbours and distances are exact; the screening only decides how much work is spent.
+  (``tl.dot`` in TF32, or 3×TF32, on the GPU; the norms are computed once, in float64, outside the kernel), relative
+  to the candidates' mean where that shrinks the norms (``screen_centre``), and KP = k plus a margin. The caller
+  (``infofuse._ops.knn``) recomputes the KP candidates' distances exactly, keeps the k best, and certifies each
+  query with the error bound of the screening (``screen_error_bound``): a query whose k-th exact distance is not
+  below its KP-th screened distance minus the bound is screened again in 3×TF32, then searched by the direct
+  kernel if still not certified. So the selected neighbours and distances are exact; the screening only decides
+  how much work is spent.
 - ``knn_direct`` (Chebyshev, float64, and the re-searched queries): distances by direct differences, exact.
 - ``knn_counts``: per query, #{j ≠ i : dist(x_i, x_j) < r_i} (or ≤), by direct differences tile by tile.
 
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_candidates", "knn_counts", "screen_error_bound"]
+__all__ = ["knn_candidates", "knn_counts", "screen_centre", "screen_error_bound", "squared_norms"]
 
 
 @triton.jit
@@ -126,20 +128,20 @@ def _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr, out_i_p
 
 @triton.jit
 def _knn_screen_kernel(
-    x_ptr, y_ptr, nx_ptr, ny_ptr, out_d_ptr, out_i_ptr,
+    x_ptr, y_ptr, mu_ptr, nx_ptr, ny_ptr, out_d_ptr, out_i_ptr,
     N, M, D, K,
     sxb, sxn, sxd, syb, syn, syd,
-    EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, KP: tl.constexpr, ONE_D: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, CENTRE: tl.constexpr, KP: tl.constexpr,
+    ONE_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Squared Euclidean screening: ‖a‖² + ‖b‖² − 2a·b with the norms precomputed (nx, ny: float32 (B, N), (B, M)).
-    ONE_D: D ≤ BLOCK_D, and the query block is loaded once for all candidate tiles."""
+    CENTRE: every point has the centre mu (float32 (B, D)) subtracted as it is loaded (nx, ny are then the norms of
+    the centred points). ONE_D: D ≤ BLOCK_D, and the query block is loaded once for all candidate tiles."""
     batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
     nq = tl.load(nx_ptr + batch * N + rows, mask=row_mask, other=0.0)
     ds = tl.arange(0, BLOCK_D).to(tl.int64)
     if ONE_D:
-        a_all = tl.load(x_b + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & (ds < D)[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
+        a_all = _centred_rows(x_b, mu_ptr + batch * D, rows, row_mask, ds, D, sxn, sxd, CENTRE)
     else:
         a_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
     slot, real, best_d, best_i = _empty_kept(K, tl.float32, KP, BLOCK_Q)
@@ -148,16 +150,12 @@ def _knn_screen_kernel(
         col_mask = cols < M
         acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
         if ONE_D:
-            b = tl.load(y_b + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & (ds < D)[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
+            b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, ds, D, syn, syd, CENTRE)
             acc = tl.dot(a_all, tl.trans(b), acc, input_precision=PRECISION)
         else:
             for d0 in range(0, D, BLOCK_D):
-                dd = d0 + ds
-                a = tl.load(x_b + rows[:, None] * sxn + dd[None, :] * sxd,
-                            mask=row_mask[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                b = tl.load(y_b + cols[:, None] * syn + dd[None, :] * syd,
-                            mask=col_mask[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                a = _centred_rows(x_b, mu_ptr + batch * D, rows, row_mask, d0 + ds, D, sxn, sxd, CENTRE)
+                b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, d0 + ds, D, syn, syd, CENTRE)
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         nb = tl.load(ny_ptr + batch * M + cols, mask=col_mask, other=0.0)
         t = nq[:, None] + nb[None, :] - 2.0 * acc
@@ -166,12 +164,23 @@ def _knn_screen_kernel(
                   KP)  # fmt: skip
 
 
+@triton.jit
+def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.constexpr):
+    """(rows × ds) block of points in float32, zero outside D, minus the centre mu where CENTRE."""
+    d_mask = ds < D
+    v = tl.load(v_ptr + rows[:, None] * svn + ds[None, :] * svd, mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0).to(tl.float32)  # fmt: skip
+    if CENTRE:
+        v = v - tl.load(mu_ptr + ds, mask=d_mask, other=0.0)[None, :]
+    return v
+
+
 # Tried in turn on the first call for each (D, K) on a GPU (K = KP ≤ 32); the interpreter uses fixed sizes.
 _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
 ]
-_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "K"])(_knn_screen_kernel)
+_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "K", "PRECISION", "CENTRE"])(_knn_screen_kernel)
 
 
 @triton.jit
@@ -213,13 +222,16 @@ def _direct_meta(x: torch.Tensor) -> dict:
 
 
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
-                   direct: bool | None = None):  # fmt: skip
+                   direct: bool | None = None, precision: str = "tf32"):  # fmt: skip
     """(B, N, KP) candidates in (distance, index) order, KP ≥ k; slots beyond the candidates hold +inf and index -1.
 
     Returns (distances, indices, bound). Direct search (Chebyshev, float64, or ``direct=True``): KP = k rounded up
     to a power of two, distances exact (squared for Euclidean), ``bound`` None. Screening (float32/bf16/fp16
-    Euclidean): KP = k plus a margin, squared distances from the matrix unit, and ``bound`` (B, N) float64 bounds
-    |screened − exact squared distance| for every candidate of each query (``screen_error_bound``)."""
+    Euclidean): KP = k plus a margin, squared distances from the matrix unit in ``precision`` ("tf32" or "tf32x3";
+    the interpreter computes in float32 whatever it is told), and ``bound`` (B, N) float64 bounds
+    |screened − exact squared distance| for every candidate of each query (``screen_error_bound``). The points are
+    screened relative to the candidates' mean where that shrinks their norms (``screen_centre``): distances do not
+    change, the bound does."""
     b, n, d = x.shape
     m = y.shape[1]
     if direct is None:
@@ -236,37 +248,96 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
                 y.stride(2), EXCLUDE_SELF=exclude_self, METRIC=metric, ACC=_acc(x.dtype), KP=kp, **meta,
             )  # fmt: skip
         return out_d, out_i, None
-    nx = x.float().square().sum(-1).contiguous()
-    ny = nx if y is x else y.float().square().sum(-1).contiguous()
+    if precision not in SCREEN_PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(SCREEN_PRECISIONS)}, got {precision!r}")
+    mu, ny = screen_centre(y)
+    nx = ny if x is y else squared_norms(x, mu)
     if n:
         block_d = max(16, triton.next_power_of_2(d))
         one_d = block_d <= 128
-        args = (x, y, nx, ny, out_d, out_i, n, m, d, kp, x.stride(0), x.stride(1), x.stride(2), y.stride(0),
-                y.stride(1), y.stride(2))  # fmt: skip
-        consts = {"EXCLUDE_SELF": exclude_self, "KP": kp, "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64}
+        nx32, ny32 = nx.float(), ny.float()
+        centre = mu if mu is not None else ny32  # any float32 pointer when not centring (never read)
+        args = (x, y, centre, nx32, ny32, out_d, out_i, n, m, d, kp, x.stride(0), x.stride(1), x.stride(2),
+                y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
+        consts = {"EXCLUDE_SELF": exclude_self, "PRECISION": precision, "CENTRE": mu is not None, "KP": kp,
+                  "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64}  # fmt: skip
         if x.is_cuda and kp <= 32:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
-            _knn_screen_tuned[grid](*args, PRECISION="tf32", **consts)
+            _knn_screen_tuned[grid](*args, **consts)
         elif x.is_cuda:  # large k: the kept entries need the registers
-            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, PRECISION="tf32", BLOCK_Q=32, BLOCK_C=64, num_warps=4,
-                                                       **consts)  # fmt: skip
+            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, BLOCK_Q=32, BLOCK_C=64, num_warps=4, **consts)
         else:  # the interpreter
-            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, PRECISION="ieee", BLOCK_Q=32, BLOCK_C=64, **consts)
-    return out_d, out_i, screen_error_bound(nx, ny, d)
+            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, BLOCK_Q=32, BLOCK_C=64, **consts)
+    return out_d, out_i, screen_error_bound(nx, ny, d, precision)
 
 
-def screen_error_bound(nx: torch.Tensor, ny: torch.Tensor, d: int) -> torch.Tensor:
+# Bytes of float64 rows per step when norms and centres are computed (bounded temporaries).
+_NORM_BYTES = 64 << 20
+# What the screening does with each product aᵢbᵢ, by precision: (relative error of one product, dot passes summed
+# in float32). TF32 keeps 10 of float32's 23 mantissa bits of each operand (truncated: 2⁻¹⁰ each, 2⁻⁹ a product).
+# 3×TF32 splits each operand into a TF32 part and a TF32 remainder and drops remainder × remainder: at most
+# 3·2⁻²⁰ (whether the split rounds or truncates), taken as 2⁻¹⁸; its three dots all add into the accumulator.
+SCREEN_PRECISIONS = {"tf32": (2.0**-9, 1), "tf32x3": (2.0**-18, 3)}
+# Centre the points when that makes the bound's scale, mean ‖b‖ × largest ‖b‖ over the candidates, at most this
+# fraction of the uncentred one (centring costs a subtraction per loaded element).
+CENTRE_GAIN = 0.64
+
+
+def _row_chunks(v: torch.Tensor):
+    rows = max(1, _NORM_BYTES // max(1, v.shape[0] * v.shape[2] * 8))
+    for r0 in range(0, v.shape[1], rows):
+        yield slice(r0, r0 + rows)
+
+
+def squared_norms(v: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) float64 ‖vᵢ − mu‖² (mu float32 (B, d), or None for ‖vᵢ‖²), summed in float64 by row chunks."""
+    out = torch.empty(v.shape[:2], dtype=torch.float64, device=v.device)
+    for rows in _row_chunks(v):
+        part = v[:, rows].double()
+        if mu is not None:
+            part = part - mu.double()[:, None, :]
+        out[:, rows] = part.square().sum(-1)
+    return out
+
+
+def screen_centre(y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(mu, ny): the candidates' mean in float32 (B, d) and the float64 squared norms of the centred candidates, or
+    (None, uncentred norms) where centring would not shrink the bound's scale to CENTRE_GAIN of what it is.
+
+    The screening's error grows with ‖a‖‖b‖ (``screen_error_bound``), not with ‖a − b‖: data far from the origin
+    (a common offset, embeddings that share a direction) would leave most queries uncertified without it."""
+    b, m, d = y.shape
+    plain = squared_norms(y, None)
+    if m == 0:
+        return None, plain
+    total = torch.zeros((b, d), dtype=torch.float64, device=y.device)
+    for rows in _row_chunks(y):
+        total += y[:, rows].double().sum(1)
+    mu = (total / m).float()
+    centred = squared_norms(y, mu)
+
+    def scale(norms):  # ‖a‖·max‖b‖ of screen_error_bound, for a typical query
+        return norms.sqrt().mean() * norms.amax().sqrt()
+
+    if bool((scale(centred) < CENTRE_GAIN * scale(plain)).item()):
+        return mu, centred
+    return None, plain
+
+
+def screen_error_bound(nx: torch.Tensor, ny: torch.Tensor, d: int, precision: str = "tf32") -> torch.Tensor:
     """(B, N) float64 bound on |screened − exact| squared distance between query i and any candidate.
 
-    The screening computes fl(‖a‖² + ‖b‖² − 2·dot) with the dot on the matrix unit: TF32 keeps 10 of float32's 23
-    mantissa bits of each operand (each product off by at most 2⁻⁹ relative, truncation included) and sums in
-    float32 (d·2⁻²⁴ relative to Σ|aᵢbᵢ| ≤ ‖a‖‖b‖); the norms and the two additions add (d + 6)·2⁻²⁴·(‖a‖² + ‖b‖²).
-    With ‖b‖ ≤ max over the candidates, and a factor 2 of safety over this first-order count."""
-    nx64 = nx.double()
-    ymax = ny.double().amax(dim=-1, keepdim=True) if ny.shape[-1] else torch.zeros_like(nx64[..., :1])
-    dot = (2.0**-9 + 2.0**-20 + d * 2.0**-24) * nx64.sqrt() * ymax.sqrt()
-    norms = (d + 6) * 2.0**-24 * (nx64 + ymax)
-    return 2.0 * (2.0 * dot + 2.0 * norms)
+    nx, ny: float64 squared norms of the queries and the candidates as screened (centred or not). The screening
+    computes fl(‖a‖² + ‖b‖² − 2·dot) with the dot on the matrix unit: each product off by at most the precision's
+    relative error, the products summed in float32 (passes·d roundings, each at most 2⁻²⁴ of Σ|aᵢbᵢ| ≤ ‖a‖‖b‖),
+    and each operand rounded once more when centred; the norms are rounded once to float32 and the two additions
+    add 4·2⁻²⁴·(‖a‖² + ‖b‖²). With ‖b‖ ≤ the largest candidate norm, and a factor 2 of safety (the matrix unit may
+    truncate its sums) over this first-order count."""
+    rel, passes = SCREEN_PRECISIONS[precision]
+    ymax = ny.amax(dim=-1, keepdim=True) if ny.shape[-1] else torch.zeros_like(nx[..., :1])
+    dot = (rel + (passes * d + 2) * 2.0**-24) * nx.sqrt() * ymax.sqrt()
+    norms = 6 * 2.0**-24 * (nx + ymax)
+    return 2.0 * (2.0 * dot + norms)
 
 
 def knn_counts(x: torch.Tensor, radius: torch.Tensor, metric: int, strict: bool) -> torch.Tensor:

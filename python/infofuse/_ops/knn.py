@@ -62,45 +62,65 @@ def _rerank(x, y, idx, k, metric):
     return dist[..., :k].contiguous(), torch.gather(by_index, -1, order)[..., :k].contiguous()
 
 
+# The Triton search in tiers: every query is screened in TF32; a query that the TF32 bound cannot certify is
+# screened again in 3×TF32 (about a thousand times tighter); one that still is not certified is searched by the
+# direct (exact) kernel. Counts of the last call, for benchmarks and tests: queries, screened again, searched directly.
+SCREEN_TIERS = ("tf32", "tf32x3")
+last_search_tiers: dict[str, int] = {"queries": 0, "tf32x3": 0, "direct": 0}
+
+
 def _knn_triton(x, y, k, metric, exclude_self):
     from infofuse.triton_kernels.knn import knn_candidates
 
     reason = triton_usable(x.device)
     if reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    screened, idx, bound = knn_candidates(x, y, k, metric, exclude_self)
+    last_search_tiers.update(queries=x.shape[0] * x.shape[1], tf32x3=0, direct=0)
+    screened, idx, bound = knn_candidates(x, y, k, metric, exclude_self, precision=SCREEN_TIERS[0])
     dist, idx_k = _rerank(x, y, idx, k, metric)
     if bound is None or k == 0 or x.shape[1] == 0:
         return dist, idx_k
-    # Certificate: a candidate left out has screened distance >= the last kept one, so its exact squared
-    # distance is >= that minus the bound; below it, the k-th exact distance cannot be beaten (strict: ties
-    # go to the smaller index, which may be one left out).
-    kth = dist[..., k - 1].double() * (1 + 2.0**-18)
-    certified = kth.square() < screened[..., -1].double() - bound
-    if not bool(certified.all()):
-        _research(x, y, k, metric, exclude_self, ~certified, dist, idx_k)
+    redo = ~_certified(dist, screened, bound, k)
+    if bool(redo.any()):
+        for bi in redo.any(dim=1).nonzero().flatten().tolist():
+            rows = redo[bi].nonzero().flatten()
+            d_rows, i_rows = _search_again(x[bi, rows][None], y[bi : bi + 1], rows, k, metric, exclude_self)
+            dist[bi, rows] = d_rows[0]
+            idx_k[bi, rows] = i_rows[0]
     return dist, idx_k
 
 
-def _research(x, y, k, metric, exclude_self, redo, dist, idx):
-    """Search the queries marked in ``redo`` again with the direct (exact) kernel; results written in place."""
+def _certified(dist, screened, bound, k):
+    """Whether each query's k best are certain: a candidate left out has screened distance ≥ the last kept one, so
+    its exact squared distance is ≥ that minus the bound; below it, the k-th exact distance cannot be beaten
+    (strict: ties go to the smaller index, which may be one left out)."""
+    kth = dist[..., k - 1].double() * (1 + 2.0**-18)
+    return kth.square() < screened[..., -1].double() - bound
+
+
+def _search_again(xs, y, rows, k, metric, exclude_self):
+    """The k best of y for the queries xs (1, R, d), the rows ``rows`` of the original x: screened in 3×TF32, then
+    by the direct kernel for those still not certified. A gathered query no longer knows its own index, so with
+    exclude_self one more neighbour is asked for and the query itself is dropped by index."""
     from infofuse.triton_kernels.knn import knn_candidates
 
-    m = y.shape[1]
-    for bi in redo.any(dim=1).nonzero().flatten().tolist():
-        rows = redo[bi].nonzero().flatten()
-        xs = x[bi, rows][None]
-        kk = min(k + 1, m) if exclude_self else k  # the query itself may come back: one more, then drop it
-        _, cand, _ = knn_candidates(xs, y[bi : bi + 1], kk, metric, False, direct=True)
+    kk = min(k + 1, y.shape[1]) if exclude_self else k
+
+    def best(queries, own, cand):
         if exclude_self:
-            cand = cand[..., :kk]
-            own = cand == rows[None, :, None]
-            drop = torch.where(own.any(-1), own.int().argmax(-1), kk - 1)  # the query, else the last
-            keep = torch.arange(kk, device=x.device)[None, None, :] != drop[..., None]
-            cand = cand[keep].reshape(1, rows.numel(), kk - 1)
-        d_rows, i_rows = _rerank(xs, y[bi : bi + 1], cand, k, metric)
-        dist[bi, rows] = d_rows[0]
-        idx[bi, rows] = i_rows[0]
+            cand = cand.masked_fill(cand == own[None, :, None], -1)  # the query itself: no candidate
+        return _rerank(queries, y, cand, k, metric)
+
+    last_search_tiers["tf32x3"] += rows.numel()
+    screened, cand, bound = knn_candidates(xs, y, kk, metric, False, precision=SCREEN_TIERS[1])
+    dist, idx = best(xs, rows, cand)
+    # The query itself among the candidates leaves the certificate valid: the left-out ones are still beyond it.
+    redo = ~_certified(dist, screened, bound, k)[0]
+    if bool(redo.any()):
+        last_search_tiers["direct"] += int(redo.sum())
+        _, cand, _ = knn_candidates(xs[:, redo], y, kk, metric, False, direct=True)
+        dist[:, redo], idx[:, redo] = best(xs[:, redo], rows[redo], cand)
+    return dist, idx
 
 
 def _knn_count_triton(x, radius, metric, strict):
