@@ -176,3 +176,21 @@ def test_reference_out_of_memory_leaves_out_the_accuracy_columns(monkeypatch, tm
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["ref_dtype"] is None and "grad_rel_err" not in rows[0]
     assert _finite_positive(rows[0]["both_ms"]["median"])
     assert "does not fit in memory" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ k-NN screening model
+
+
+def test_knn_screening_model_tiers_add_up_and_agree_with_brute_force():
+    """The CPU model of the Triton search's tiers (bench/knn_screening.py) on small samples of every data model: each
+    sampled query ends in one tier, the certified answers are brute force's, offset data is screened centred and
+    tight clusters need the second tier."""
+    from infofuse.bench.knn_screening import MODELS, tier_fractions
+
+    for name, make in MODELS.items():
+        f = tier_fractions(make(3000, 128, torch.Generator().manual_seed(5)).float(), 5, queries=96, chunk=32)
+        assert f["wrong"] == 0, (name, f)
+        assert abs(f["tf32"] + f["tf32x3"] + f["direct"] - 1) < 1e-12, (name, f)
+        assert f["centred"] == (name in ("offset", "cone")), (name, f)
+        if name == "clusters":
+            assert f["tf32"] < 0.5 < f["tf32x3"], f
