@@ -129,23 +129,41 @@ def _gaussian(n, cov, seed):
     return torch.randn(n, chol.shape[0], generator=g, dtype=torch.float64) @ chol.T
 
 
+def _kl_entropy_scipy(x: torch.Tensor, k: int, metric: str) -> float:
+    """The Kozachenko–Leonenko formula of MATH.md on scipy's cKDTree neighbours: an independent implementation."""
+    from scipy.spatial import cKDTree
+    from scipy.special import digamma
+
+    n, d = x.shape
+    p = math.inf if metric == "chebyshev" else 2
+    dist, _ = cKDTree(x.numpy()).query(x.numpy(), k=k + 1, p=p)  # column 0: the point itself (no duplicates)
+    log_ball = d * math.log(2) if metric == "chebyshev" else d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    return float(digamma(n) - digamma(k) + log_ball + d * torch.from_numpy(dist[:, k]).log().mean())
+
+
 @pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
 @pytest.mark.parametrize("metric", ["euclidean", "chebyshev"])
-@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("d", [1, 2, 8])
 def test_knn_entropy_of_gaussians(impl, metric, d):
-    """H(N(0, Σ)) = ½ log((2πe)^d det Σ): the estimate is within 4 standard errors (the KL estimator's standard
-    deviation is about sqrt(Var(log ε)·d²/N)) plus its small-d bias."""
+    """H(N(0, Σ)) = ½ log((2πe)^d det Σ), Σ with correlations 0.5 (d > 1). The estimate equals the same formula on
+    scipy's neighbours, and lies within 4 of its standard errors (d·sd(log ε)/√N, from the sample) of the truth plus
+    the estimator's own small-sample bias: under 0.02 nats at d ≤ 2; at d = 8, N = 20000, k = 3 it measured
+    -0.05 to -0.08 nats over seeds (both metrics; 0.014 standard deviation), allowed 0.1."""
     _needs(impl)
-    n = 3000
+    n = 20000 if d == 8 else 3000
     cov = torch.eye(d, dtype=torch.float64) * 0.5 + 0.5
     if d == 1:
         cov = torch.tensor([[2.0]], dtype=torch.float64)
     x = _gaussian(n, cov, seed=10 + d)
     truth = 0.5 * math.log((2 * math.pi * math.e) ** d * torch.linalg.det(cov).item())
     got = knn_entropy(x, k=3, metric=metric, impl=impl).item()
-    ref = knn_entropy(x, k=3, metric=metric, impl="reference").item()
-    assert abs(got - ref) < 1e-12, "the estimate differs from the same formula on brute-force neighbours"
-    assert abs(got - truth) < 4 * math.sqrt(d * d * 1.0 / n) + 0.02, (got, truth)
+    assert abs(got - _kl_entropy_scipy(x, 3, metric)) < 1e-10, "the estimate differs from the formula on scipy's"
+    if n <= 3000:
+        ref = knn_entropy(x, k=3, metric=metric, impl="reference").item()
+        assert abs(got - ref) < 1e-12, "the estimate differs from the same formula on brute-force neighbours"
+    eps = knn(x, k=3, metric=metric, impl=impl)[0][:, 2]
+    se = d * eps.log().std().item() / math.sqrt(n)
+    assert abs(got - truth) < 4 * se + (0.1 if d == 8 else 0.02), (got, truth, se)
 
 
 @pytest.mark.parametrize("impl", ["cpu"])  # Triton: test_triton_estimators_equal_the_reference
@@ -185,6 +203,20 @@ def test_ksg_agrees_with_scikit_learn_and_ennemi():
     want_en = float(ennemi.estimate_mi(z[:, 1].numpy(), z[:, 0].numpy(), k=3, preprocess=False).squeeze())
     assert abs(ours - want_sk) < 1e-9, (ours, want_sk)
     assert abs(ours - want_en) < 1e-5 * abs(want_en), (ours, want_en)  # ennemi: 5e-7 apart (its own rounding)
+
+
+def test_ksg_agrees_with_scikit_learns_mutual_info_regression():
+    """scikit-learn's public mutual_info_regression divides each variable by its standard deviation (KSG's max-norm
+    is not scale-free) and adds noise of 1e-10 of the mean magnitude to break ties; on continuous samples that noise
+    moves no count, so KSG-1 of the scaled samples is its answer (it clips negative estimates at 0)."""
+    feature_selection = pytest.importorskip("sklearn.feature_selection")
+    for rho, seed in ((0.0, 32), (0.3, 33), (0.8, 34)):
+        z = _gaussian(2000, [[1.0, rho], [rho, 2.0]], seed=seed)
+        z = z / z.std(dim=0, correction=0)
+        ours = ksg_mutual_information(z[:, 0], z[:, 1], k=4, variant=1).item()
+        want = feature_selection.mutual_info_regression(z[:, :1].numpy(), z[:, 1].numpy(), n_neighbors=4,
+                                                        random_state=seed)[0]  # fmt: skip
+        assert abs(max(ours, 0.0) - want) < 1e-9, (rho, ours, want)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
