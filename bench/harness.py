@@ -59,6 +59,7 @@ class Peer:
     skip: str | None = None  # why it cannot run here (not installed, GPU only, ...)
     probe: bool = True  # try it on tiny inputs before planning (False where that is costly, as for torch.compile)
     stands_in_for: str | None = None  # run only when that peer is unavailable, or when asked for by name
+    models: tuple[str, ...] | None = None  # the input models it can run (None: every one); skipped on the others
     note: str = ""
 
 
@@ -409,7 +410,7 @@ def _child_peak_bytes(op: str, peer: str, config: Config, opts: Options) -> tupl
 def _probe(case: Case, peer: Peer, device: str, dtype: torch.dtype, seed: int) -> str | None:
     """None if ``peer`` runs a tiny forward+backward here, else why not."""
     try:
-        inputs = case.make_inputs(case.probe_shape, case.models[0], dtype, device, seed)
+        inputs = case.make_inputs(case.probe_shape, (peer.models or case.models)[0], dtype, device, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peer.build()(*inputs.args).backward()
@@ -447,6 +448,12 @@ def plan_peers(case: Case, device: str, dtype: torch.dtype, wanted: list[str] | 
         if stand_in and stand_in.stands_in_for in ok_names and not (wanted and name in wanted):
             del skipped[name]
     return runnable, skipped
+
+
+def peers_for_model(peers: list[Peer], skipped: dict[str, str], model: str):
+    """(peers, skipped) for one input model: a peer limited to other models is skipped, with why."""
+    off = {p.name: f"runs on {', '.join(p.models)} inputs only" for p in peers if p.models and model not in p.models}
+    return [p for p in peers if p.name not in off], {**skipped, **off}
 
 
 def known_peer_names(case: Case, device: str) -> list[str]:
@@ -763,7 +770,7 @@ def run(opts: Options, console=None) -> tuple[list[dict], list[Path]]:
         for dtype in opts.dtypes:
             by_dtype[dtype] = plan_peers(case, opts.device, getattr(torch, dtype), opts.peers, opts.seed)
         for config in _configs(case, opts):
-            peers, skipped = by_dtype[config.dtype]
+            peers, skipped = peers_for_model(*by_dtype[config.dtype], config.model)
             plans.append((case, config, peers, skipped))
             k = len(peers)
             total += 1 + (opts.warmup + opts.reps) * k + (k if opts.memory else 0)

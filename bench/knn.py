@@ -4,7 +4,8 @@ neighbour, each point excluded from its own neighbours; input "models" are the m
 
 Every peer computes the same estimate and its gradient; they differ in the neighbour search: infofuse's kernels,
 chunked ``torch.cdist`` + ``topk`` (4096 queries a chunk), scikit-learn's ``NearestNeighbors`` (its best
-algorithm for the metric), faiss ``IndexFlatL2`` (Euclidean, when installed). The estimate and its gradient are
+algorithm for the metric), NPEET's max-norm tree (Chebyshev, npeet-plus when installed), faiss ``IndexFlatL2``
+(Euclidean, when installed). The estimate and its gradient are
 then the same O(N·d) PyTorch (``infofuse.knn``'s distance recomputation), so the table compares searches. The
 ground truth: float64 brute force by chunks.
 """
@@ -28,6 +29,13 @@ def _estimate(x: torch.Tensor, idx: torch.Tensor, k: int, metric: str) -> torch.
     eps = diff.abs().amax(-1) if metric == "chebyshev" else torch.linalg.vector_norm(diff, dim=-1)
     n, d = x.shape
     return _psi(n) - _psi(k) + _log_unit_ball(d, metric) + d * torch.log(eps).mean().double()
+
+
+def _kth_other(idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th neighbour other than the point itself, from k + 1 neighbours (N, k + 1) of x against itself: column 0
+    is the point itself unless duplicates tie with it."""
+    own = idx == torch.arange(len(idx), device=idx.device)[:, None]
+    return torch.where(own[:, :k].any(1), idx[:, k], idx[:, k - 1])
 
 
 def _chunked_search(x: torch.Tensor, k: int, metric: str) -> torch.Tensor:
@@ -85,6 +93,7 @@ class KnnEntropyCase(Case):
 
         peers.append(Peer("torch-chunked", chunked, note=f"cdist + topk, {CHUNK} queries a chunk"))
         peers.append(_sklearn_peer(device))
+        peers.append(_npeet_peer(device))
         peers.append(_faiss_peer(device))
         return peers
 
@@ -102,15 +111,33 @@ def _sklearn_peer(device: str) -> Peer:
             data = x.detach().double().numpy()
             nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(data)
             _, ind = nn.kneighbors(data)
-            # column 0 is the point itself unless duplicates tie with it: take the k-th other point
-            idx = torch.from_numpy(ind)
-            own = idx == torch.arange(len(idx))[:, None]
-            kth = torch.where(own[:, :k].any(1), idx[:, k], idx[:, k - 1])
-            return _estimate(x, kth, k, metric)
+            return _estimate(x, _kth_other(torch.from_numpy(ind), k), k, metric)
 
         return fn
 
     return Peer("sklearn", build, note="NearestNeighbors(n_neighbors=k + 1, metric=...).kneighbors")
+
+
+def _npeet_peer(device: str) -> Peer:
+    if device != "cpu":
+        return Peer("npeet", None, skip="CPU only")
+    try:
+        from npeet_plus import estimators
+    except Exception as exc:
+        return Peer("npeet", None, skip=f"not installed ({type(exc).__name__})")
+
+    def build():
+        def fn(x, k, metric):
+            # NPEET's entropy() search: its tie-breaking noise, its max-norm tree, k + 1 neighbours (self first);
+            # asked for the indices too, so that the same estimate and gradient follow
+            data = estimators.add_noise(x.detach().double().numpy())
+            _, ind = estimators.build_tree(data).query(data, k=k + 1)
+            return _estimate(x, _kth_other(torch.from_numpy(ind), k), k, metric)
+
+        return fn
+
+    return Peer("npeet", build, models=("chebyshev",), note="npeet-plus: add_noise + build_tree + query (its "
+                "entropy()'s search; NPEET's estimators use the max-norm only)")  # fmt: skip
 
 
 def _faiss_peer(device: str) -> Peer:
@@ -123,20 +150,15 @@ def _faiss_peer(device: str) -> Peer:
         faiss.cvar.distance_compute_blas_threshold = 1
 
         def fn(x, k, metric):
-            if metric != "euclidean":
-                raise ValueError("faiss's flat index has no max-norm search")
             data = x.detach().float().cpu().numpy()
             index = faiss.IndexFlatL2(data.shape[1])
             index.add(data)
             _, ind = index.search(data, k + 1)
-            idx = torch.from_numpy(ind).to(x.device)
-            own = idx == torch.arange(len(idx), device=x.device)[:, None]
-            kth = torch.where(own[:, :k].any(1), idx[:, k], idx[:, k - 1])
-            return _estimate(x, kth, k, metric)
+            return _estimate(x, _kth_other(torch.from_numpy(ind).to(x.device), k), k, metric)
 
         return fn
 
-    return Peer("faiss", build, note="IndexFlatL2 exact search (BLAS threshold 1)")
+    return Peer("faiss", build, models=("euclidean",), note="IndexFlatL2 exact search (BLAS threshold 1)")
 
 
 CASE = KnnEntropyCase()

@@ -84,6 +84,16 @@ def test_registry_and_cpu_peer_plan():
     assert skipped["cce"] == "GPU only" and skipped["liger"] == "GPU only"
 
 
+def test_a_peer_limited_to_some_models_is_skipped_on_the_others():
+    from infofuse.bench.harness import Peer, peers_for_model
+
+    anywhere, maxnorm = Peer("a", lambda: None), Peer("b", lambda: None, models=("chebyshev",))
+    peers, skipped = peers_for_model([anywhere, maxnorm], {"c": "GPU only"}, "euclidean")
+    assert [p.name for p in peers] == ["a"] and skipped == {"c": "GPU only", "b": "runs on chebyshev inputs only"}
+    peers, skipped = peers_for_model([anywhere, maxnorm], {}, "chebyshev")
+    assert [p.name for p in peers] == ["a", "b"] and skipped == {}
+
+
 def test_cli_rejects_unknown_names():
     with pytest.raises(SystemExit):
         parse_options(["--peers", "eager,nonesuch", "--device", "cpu"])
