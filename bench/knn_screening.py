@@ -80,9 +80,7 @@ def _tier(x, q_rows, k, kp, mu, nx, precision, exclude_self):
 def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: int = 128) -> dict:
     """Fractions of sampled queries certified by TF32, by 3×TF32, and left to the direct kernel (x against itself),
     and how many certified queries differ from float64 brute force (``wrong``: must be 0)."""
-    import triton
-
-    from infofuse.triton_kernels.knn import screen_centre
+    from infofuse.triton_kernels.knn import screen_centre, screen_slots
 
     n, d = x.shape
     g = torch.Generator().manual_seed(seed)
@@ -90,8 +88,7 @@ def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: 
     mu, nx = screen_centre(x[None])
     mu = None if mu is None else mu[0]
     nx = nx[0]
-    kp = triton.next_power_of_2(k + max(4, k // 2))
-    kp2 = triton.next_power_of_2(k + 1 + max(4, (k + 1) // 2))
+    kp, kp2 = screen_slots(k), screen_slots(k + 1)  # tier 2 asks for one more (the query is a candidate there)
     counts = {"tf32": 0, "tf32x3": 0, "direct": 0, "wrong": 0}
     for r0 in range(0, len(sample), chunk):
         rows = sample[r0 : r0 + chunk]

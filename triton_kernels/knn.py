@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_candidates", "knn_counts", "screen_centre", "screen_error_bound", "squared_norms"]
+__all__ = ["knn_candidates", "knn_counts", "screen_centre", "screen_error_bound", "screen_slots", "squared_norms"]
 
 
 @triton.jit
@@ -221,6 +221,11 @@ def _direct_meta(x: torch.Tensor) -> dict:
     return {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}
 
 
+def screen_slots(k: int) -> int:
+    """KP, the candidates a screening keeps per query for k neighbours: k plus a margin, rounded up to a power of 2."""
+    return triton.next_power_of_2(k + max(4, k // 2))
+
+
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
                    direct: bool | None = None, precision: str = "tf32"):  # fmt: skip
     """(B, N, KP) candidates in (distance, index) order, KP ≥ k; slots beyond the candidates hold +inf and index -1.
@@ -236,7 +241,7 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     m = y.shape[1]
     if direct is None:
         direct = metric == 1 or x.dtype == torch.float64
-    kp = triton.next_power_of_2(k if direct else k + max(4, k // 2))
+    kp = triton.next_power_of_2(k) if direct else screen_slots(k)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out_d = torch.empty((b, n, kp), dtype=acc_dtype, device=x.device)
     out_i = torch.empty((b, n, kp), dtype=torch.int64, device=x.device)
