@@ -382,6 +382,42 @@ def test_triton_screening_bound_covers_its_error(precision, offset):
     assert ((screened.double() - exact).abs() <= bound[..., None]).all()
 
 
+@pytest.mark.parametrize(
+    "shape, k, offset",
+    [((203, 37), 1, 0.0), ((203, 37), 3, 0.0), ((203, 37), 3, 30.0), ((2, 70, 20), 17, 0.0), ((5, 3), 3, 0.0),
+     ((1, 150, 130), 5, 0.0)],
+)  # fmt: skip
+def test_triton_screening_keeps_the_nearest_candidates(shape, k, offset):
+    """The screening kernel itself, x against itself: many query blocks and candidate tiles (a partial last one,
+    diagonal tiles at every alignment, rows past N in the last block), fewer candidates than slots, batches,
+    centred data, d above one feature block. Its KP kept candidates are distinct, never the query, ascending, each
+    within the bound of its exact squared distance, and their exact distances are the KP smallest ones of brute
+    force up to twice the bound (the screening may swap candidates closer than that, no more)."""
+    from infofuse.triton_kernels.knn import knn_candidates, screen_centre
+
+    x = points(shape, torch.float32, seed=sum(shape) + k) + offset
+    x = x if x.dim() == 3 else x[None]
+    assert (screen_centre(x)[0] is not None) == (offset > 0)
+    b, n, _ = x.shape
+    screened, idx, bound = knn_candidates(x, x, k, 0, True)
+    kp = idx.shape[-1]
+    assert kp >= k + 4 and bound.shape == (b, n)
+    d2 = torch.cdist(x.double(), x.double()).square()
+    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    kept = min(kp, n - 1)
+    assert (idx[..., :kept] >= 0).all() and (idx[..., kept:] < 0).all(), "kept slots"
+    assert torch.isinf(screened[..., kept:]).all()
+    ids, scr = idx[..., :kept], screened[..., :kept].double()
+    assert not (ids == torch.arange(n)[None, :, None]).any(), "a point is its own candidate"
+    assert (ids.sort(-1).values.diff(dim=-1) != 0).all(), "repeated candidate"
+    assert (scr.diff(dim=-1) >= 0).all(), "not ascending"
+    exact = d2.gather(-1, ids)
+    assert ((scr - exact).abs() <= bound[..., None]).all(), "screened value outside the bound"
+    want = d2.sort(-1).values[..., :kept]
+    off = (exact.sort(-1).values - want).abs()
+    assert (off <= 2 * bound[..., None]).all(), f"kept candidates not the nearest (off by up to {off.max()})"
+
+
 def test_triton_centring_certifies_points_far_from_the_origin(monkeypatch):
     """Points with a common offset 40 times their spread: screened relative to their mean, every query is certified
     by the first tier; screened as they are, the bound (which grows with the norms) certifies none."""

@@ -26,7 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_candidates", "knn_counts", "screen_centre", "screen_error_bound", "screen_slots", "squared_norms"]
+__all__ = [
+    "knn_candidates",
+    "knn_counts",
+    "padded_candidates",
+    "screen_centre",
+    "screen_error_bound",
+    "screen_slots",
+    "squared_norms",
+]
 
 
 @triton.jit
@@ -128,40 +136,77 @@ def _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr, out_i_p
 
 @triton.jit
 def _knn_screen_kernel(
-    x_ptr, y_ptr, mu_ptr, nx_ptr, ny_ptr, out_d_ptr, out_i_ptr,
-    N, M, D, K,
-    sxb, sxn, sxd, syb, syn, syd,
+    x_ptr, y_ptr, mu_ptr, nx_ptr, hy_ptr, out_d_ptr, out_i_ptr,
+    N, M, D,
+    sxb, sxn, sxd, syb, syn, syd, SHY,
     EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, CENTRE: tl.constexpr, KP: tl.constexpr,
-    ONE_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_D: tl.constexpr, INDEX: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Squared Euclidean screening: ‖a‖² + ‖b‖² − 2a·b with the norms precomputed (nx, ny: float32 (B, N), (B, M)).
-    CENTRE: every point has the centre mu (float32 (B, D)) subtracted as it is loaded (nx, ny are then the norms of
-    the centred points). ONE_D: D ≤ BLOCK_D, and the query block is loaded once for all candidate tiles."""
+    """Squared Euclidean screening. Along a query's row the candidates are ranked by s = ‖b‖²/2 − a·b (the query's
+    own ‖a‖² is the same for all of them): one subtraction per pair after the dot. hy: float32 (B, SHY) ‖b‖²/2,
+    then +inf up to SHY, a multiple of BLOCK_C above M (so the last tile needs no mask). The kept entries leave as
+    ‖a‖² + 2s (nx: float32 (B, N) ‖a‖²). CENTRE: every point has the centre mu (float32 (B, D)) subtracted as it
+    is loaded (the norms are then those of the centred points). ONE_D: D ≤ BLOCK_D, and the query block is loaded
+    once for all candidate tiles. INDEX: the kept indices' dtype (int32 below 2³¹ candidates).
+
+    Per tile, only what the tile needs: the +inf of hy past M stands for the last tile's missing candidates, and the
+    self-exclusion runs only on the tiles that meet the diagonal. Query rows past N keep -inf entries, so they never
+    take a candidate."""
     batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
-    nq = tl.load(nx_ptr + batch * N + rows, mask=row_mask, other=0.0)
+    r0 = tl.program_id(0).to(tl.int64) * BLOCK_Q
     ds = tl.arange(0, BLOCK_D).to(tl.int64)
+    lc = tl.arange(0, BLOCK_C)  # tile-local candidate columns (int32)
+    lq = tl.arange(0, BLOCK_Q)
     if ONE_D:
         a_all = _centred_rows(x_b, mu_ptr + batch * D, rows, row_mask, ds, D, sxn, sxd, CENTRE)
     else:
         a_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    slot, real, best_d, best_i = _empty_kept(K, tl.float32, KP, BLOCK_Q)
+    slot = tl.arange(0, KP)[None, :]
+    best_d = tl.where(row_mask[:, None] & (slot >= 0), float("inf"), float("-inf"))
+    best_i = tl.zeros((BLOCK_Q, KP), dtype=INDEX) - 1 - slot
+    worst, w_slot = tl.max(best_d, axis=1, return_indices=True)
     for c0 in range(0, M, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_mask = cols < M
-        acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        cols = c0 + lc.to(tl.int64)
+        col_mask = lc < M - c0
         if ONE_D:
             b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, ds, D, syn, syd, CENTRE)
-            acc = tl.dot(a_all, tl.trans(b), acc, input_precision=PRECISION)
+            dot = tl.dot(a_all, tl.trans(b), input_precision=PRECISION)
         else:
+            dot = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 a = _centred_rows(x_b, mu_ptr + batch * D, rows, row_mask, d0 + ds, D, sxn, sxd, CENTRE)
                 b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, d0 + ds, D, syn, syd, CENTRE)
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        nb = tl.load(ny_ptr + batch * M + cols, mask=col_mask, other=0.0)
-        t = nq[:, None] + nb[None, :] - 2.0 * acc
-        best_d, best_i = _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF)
-    _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP,
-                  KP)  # fmt: skip
+                dot = tl.dot(a, tl.trans(b), dot, input_precision=PRECISION)
+        half = tl.load(hy_ptr + batch * SHY + cols)  # +inf past M: no mask
+        t = half[None, :] - dot
+        if EXCLUDE_SELF:
+            if (c0 < r0 + BLOCK_Q) & (r0 < c0 + BLOCK_C):  # the tile meets the diagonal
+                t = tl.where((lq + (r0 - c0))[:, None] == lc[None, :], float("inf"), t)
+        best_d, best_i, worst, w_slot = _merge_screened(t, c0, lc, slot, best_d, best_i, worst, w_slot)
+    nq = tl.load(nx_ptr + batch * N + rows, mask=row_mask, other=0.0)
+    real = slot < KP
+    _store_sorted(nq[:, None] + 2.0 * best_d, best_i.to(tl.int64), rows, row_mask, real, slot,
+                  out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP, KP)  # fmt: skip
+
+
+@triton.jit
+def _merge_screened(t, c0, lc, slot, best_d, best_i, worst, w_slot):
+    """Merge a tile of screened values into the kept KP per query: while some query's best tile entry beats its
+    worst kept one, it takes that slot. worst and w_slot (the worst kept value and its slot) come in and go out
+    with the kept entries, so a tile with nothing to take (most tiles, once the kept entries are good) costs one
+    plain min per row and one any(); the argmin is found only in the rounds that take something. Which of equal
+    worst entries leaves is not defined: the caller's certificate does not depend on it."""
+    more = tl.max((tl.min(t, axis=1) < worst).to(tl.int32), axis=0) > 0
+    while more:
+        c_min, c_arg = tl.min(t, axis=1, return_indices=True)
+        hit = (c_min < worst)[:, None] & (slot == w_slot[:, None])
+        best_d = tl.where(hit, c_min[:, None], best_d)
+        best_i = tl.where(hit, (c0 + c_arg[:, None]).to(best_i.dtype), best_i)
+        t = tl.where(lc[None, :] == c_arg[:, None], float("inf"), t)  # taken, or no better than what is kept
+        worst, w_slot = tl.max(best_d, axis=1, return_indices=True)
+        more = tl.max((tl.min(t, axis=1) < worst).to(tl.int32), axis=0) > 0
+    return best_d, best_i, worst, w_slot
 
 
 @triton.jit
@@ -180,7 +225,7 @@ _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
 ]
-_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "K", "PRECISION", "CENTRE"])(_knn_screen_kernel)
+_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "KP", "PRECISION", "CENTRE"])(_knn_screen_kernel)
 
 
 @triton.jit
@@ -214,11 +259,18 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# Block sizes of the direct-difference kernels (search and counts) on the GPU.
+DIRECT_GPU_META = {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4}
+
+
 def _direct_meta(x: torch.Tensor) -> dict:
-    """Block sizes of the direct-difference kernels (search and counts): on the GPU, or in the interpreter."""
-    if x.is_cuda:
-        return {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 8, "num_warps": 4}
-    return {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}
+    """Block sizes of the direct-difference kernels: on the GPU, or in the interpreter."""
+    return dict(DIRECT_GPU_META) if x.is_cuda else {"BLOCK_Q": 32, "BLOCK_C": 64, "BLOCK_D": 16}
+
+
+def padded_candidates(m: int) -> int:
+    """Length of the screening's per-candidate rows: m, then +inf up to a multiple of 128 (every BLOCK_C) past it."""
+    return (m // 128 + 1) * 128
 
 
 def screen_slots(k: int) -> int:
@@ -260,12 +312,15 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     if n:
         block_d = max(16, triton.next_power_of_2(d))
         one_d = block_d <= 128
-        nx32, ny32 = nx.float(), ny.float()
-        centre = mu if mu is not None else ny32  # any float32 pointer when not centring (never read)
-        args = (x, y, centre, nx32, ny32, out_d, out_i, n, m, d, kp, x.stride(0), x.stride(1), x.stride(2),
-                y.stride(0), y.stride(1), y.stride(2))  # fmt: skip
+        nx32 = nx.float()
+        hy32 = torch.full((b, padded_candidates(m)), float("inf"), dtype=torch.float32, device=x.device)
+        hy32[:, :m] = ny / 2
+        centre = mu if mu is not None else hy32  # any float32 pointer when not centring (never read)
+        args = (x, y, centre, nx32, hy32, out_d, out_i, n, m, d, x.stride(0), x.stride(1), x.stride(2),
+                y.stride(0), y.stride(1), y.stride(2), hy32.shape[1])  # fmt: skip
         consts = {"EXCLUDE_SELF": exclude_self, "PRECISION": precision, "CENTRE": mu is not None, "KP": kp,
-                  "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64}  # fmt: skip
+                  "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64,
+                  "INDEX": tl.int32 if m + 1024 < 2**31 else tl.int64}  # fmt: skip
         if x.is_cuda and kp <= 32:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
             _knn_screen_tuned[grid](*args, **consts)
