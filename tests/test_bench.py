@@ -204,3 +204,69 @@ def test_knn_screening_model_tiers_add_up_and_agree_with_brute_force():
         assert f["centred"] == (name in ("offset", "cone")), (name, f)
         if name == "clusters":
             assert f["tf32"] < 0.5 < f["tf32x3"], f
+
+
+# ------------------------------------------------------------------------------------------------ SASS reader
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/              @!P0 BRA `(.L_x_1) ;
+        /*0030*/                   FSEL R3, R3, +INF , P1 ;
+        /*0040*/                   FSEL R5, R5, +INF , P1 ;
+.L_x_1:
+        /*0050*/                   FMNMX R6, R2, R3, PT ;
+.L_x_2:
+        /*0060*/                   SHFL.BFLY PT, R7, R6, 0x1, 0x1f ;
+        /*0070*/               @P2 BRA `(.L_x_2) ;
+        /*0080*/                   ISETP.GE.AND P3, PT, R8, R9, PT ;
+        /*0090*/               @P3 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+.L_x_3:
+        /*00b0*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*00c0*/                   BRA `(.L_x_1) ;
+"""
+
+
+def test_sass_loops_nesting_shortest_way_and_out_of_line_code():
+    """An outer loop (instructions 1-9) with a skippable span (3-4) and a nested loop (6-7); code laid out after the
+    loop that branches back into it (11-12) is not a loop."""
+    from infofuse.bench.sass import sass_loops
+
+    ops, loops = sass_loops(_SASS)
+    assert ops[0] == "MOV" and ops[-1] == "BRA" and len(ops) == 13
+    assert [(lp.first, lp.last, lp.depth) for lp in loops] == [(1, 9, 0), (6, 7, 1)]
+    outer, inner = loops
+    assert outer.own == 7 and outer.opcodes == {"LDG": 1, "BRA": 2, "FSEL": 2, "FMNMX": 1, "ISETP": 1}
+    assert outer.shortest == 5  # LDG, the branch that skips the FSELs, FMNMX, ISETP, the back edge
+    assert inner.own == inner.shortest == 2
+
+
+def test_merge_rounds_count_the_merge_loop():
+    """merge_rounds' count (a tile costs the most entries any query takes from it) equals a literal run of the
+    screening kernel's merge: rounds of one entry per query while some query's best tile entry beats its worst."""
+    from infofuse.bench.sass import merge_rounds
+
+    n, d, kp, bq, bc = 300, 3, 4, 16, 8
+    got = merge_rounds(n, d, kp, bq, bc, blocks=3, seed=5)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d, generator=g)
+    rounds = tiles = 0
+    for _ in range(3):
+        r0 = int(torch.randint(0, n - bq + 1, (1,), generator=g))
+        dist = torch.cdist(x[r0 : r0 + bq], x).square()
+        dist[torch.arange(bq), torch.arange(bq) + r0] = float("inf")
+        kept = torch.full((bq, kp), float("inf"))
+        for c0 in range(0, n, bc):
+            t = dist[:, c0 : c0 + bc].clone()
+            while bool((t.min(1).values < kept.max(1).values).any()):
+                c_min, c_arg = t.min(1)
+                worst, w_slot = kept.max(1)
+                take = c_min < worst
+                kept[take, w_slot[take]] = c_min[take]
+                t[torch.arange(bq), c_arg] = float("inf")
+                rounds += 1
+            tiles += 1
+    assert math.isclose(got, rounds / tiles, rel_tol=0, abs_tol=1e-12), (got, rounds / tiles)
+    assert rounds > tiles / 4  # the case does exercise the merge
