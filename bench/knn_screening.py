@@ -9,6 +9,8 @@ through the package's own centring, bound and certificate. The model's neighbour
 brute force.
 
     python -m infofuse.bench.knn_screening [--queries 512] [--models gaussian,offset,cone,clusters] [--shapes N,d,k;…]
+    python -m infofuse.bench.knn_screening --models gaussian --kp 8,16,32   # weigh other margins (KP per query)
+    python -m infofuse.bench.knn_screening --gpu --kp 16,32                # and time them
     python -m infofuse.bench.knn_screening --gpu     # the real search's tiers and time on the GPU, same data
 """
 
@@ -77,9 +79,11 @@ def _tier(x, q_rows, k, kp, mu, nx, precision, exclude_self):
     return dist, _certified(dist, screened, bound, k)
 
 
-def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: int = 128) -> dict:
+def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: int = 128,
+                   kp: int | None = None) -> dict:  # fmt: skip
     """Fractions of sampled queries certified by TF32, by 3×TF32, and left to the direct kernel (x against itself),
-    and how many certified queries differ from float64 brute force (``wrong``: must be 0)."""
+    and how many certified queries differ from float64 brute force (``wrong``: must be 0). ``kp``: the candidates
+    kept per query in both tiers instead of the package's (``screen_slots``), to weigh other margins."""
     from infofuse.triton_kernels.knn import screen_centre, screen_slots
 
     n, d = x.shape
@@ -88,7 +92,7 @@ def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: 
     mu, nx = screen_centre(x[None])
     mu = None if mu is None else mu[0]
     nx = nx[0]
-    kp, kp2 = screen_slots(k), screen_slots(k + 1)  # tier 2 asks for one more (the query is a candidate there)
+    kp, kp2 = (screen_slots(k), screen_slots(k + 1)) if kp is None else (kp, kp)  # tier 2: one more (the query)
     counts = {"tf32": 0, "tf32x3": 0, "direct": 0, "wrong": 0}
     for r0 in range(0, len(sample), chunk):
         rows = sample[r0 : r0 + chunk]
@@ -110,23 +114,31 @@ def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: 
     }
 
 
-def gpu_tiers(x: torch.Tensor, k: int) -> dict:
+def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
     """The real search on the GPU (``impl="triton"``): the tiers its queries ended in, and its time after a first
-    call that compiles and autotunes."""
+    call that compiles and autotunes. ``kp``: keep that many candidates per query in every tier instead of the
+    package's choice (``screen_slots``, replaced for the call), to time other margins."""
     import infofuse
+    import infofuse.triton_kernels.knn as tk
     from infofuse._ops.knn import last_search_tiers
-    from infofuse.triton_kernels.knn import screen_centre
 
     x = x.cuda()
-    infofuse.knn(x, k=k, impl="triton")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    infofuse.knn(x, k=k, impl="triton")
-    end.record()
-    end.synchronize()
+    chosen = tk.screen_slots
+    if kp is not None:
+        tk.screen_slots = lambda _k: kp
+    try:
+        used = tk.screen_slots(k)
+        infofuse.knn(x, k=k, impl="triton")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        infofuse.knn(x, k=k, impl="triton")
+        end.record()
+        end.synchronize()
+    finally:
+        tk.screen_slots = chosen
     n = last_search_tiers["queries"]
     again, direct = last_search_tiers["tf32x3"], last_search_tiers["direct"]
-    return {"centred": screen_centre(x[None])[0] is not None, "kp": None, "wrong": 0, "tf32": (n - again) / n,
+    return {"centred": tk.screen_centre(x[None])[0] is not None, "kp": used, "wrong": 0, "tf32": (n - again) / n,
             "tf32x3": (again - direct) / n, "direct": direct / n, "ms": start.elapsed_time(end)}  # fmt: skip
 
 
@@ -139,7 +151,10 @@ def main(argv=None) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--shapes", default="1048576,128,10;1048576,16,3", help="N,d,k;…")
     p.add_argument("--gpu", action="store_true", help="run the real search on the GPU instead of the model")
+    p.add_argument("--kp", default="", help="keep these candidates per query (comma-separated, each above k + 1) "
+                   "instead of the package's choice, in the model or, with --gpu, in the real search")  # fmt: skip
     args = p.parse_args(argv)
+    kps = [int(v) for v in args.kp.split(",") if v] or [None]
     what = "the Triton search on " + torch.cuda.get_device_name() if args.gpu else f"CPU model, {args.queries} queries"
     table = Table(title=f"Triton k-NN screening tiers ({what}, x against itself)")
     cols = ["data", "N", "d", "k", "KP", "centred", "TF32 certifies", "3×TF32 certifies", "direct kernel"]
@@ -149,16 +164,19 @@ def main(argv=None) -> None:
     for shape in args.shapes.split(";"):
         n, d, k = (int(v) for v in shape.split(","))
         for name in args.models.split(","):
-            t0 = time.time()
             x = MODELS[name](n, d, torch.Generator().manual_seed(1)).float().contiguous()
-            f = gpu_tiers(x, k) if args.gpu else tier_fractions(x, k, args.queries)
-            if f["wrong"]:
-                raise AssertionError(f"{name} {shape}: {f['wrong']} certified queries differ from brute force")
-            shares = [f"{f[tier]:.1%}" for tier in ("tf32", "tf32x3", "direct")]
-            centred = "yes" if f["centred"] else "no"
-            last = f"{f['ms']:.0f}" if args.gpu else f"{time.time() - t0:.0f}"
-            table.add_row(name, str(n), str(d), str(k), str(f["kp"] or "-"), centred, *shares, last)
-            console.log(f"{name} {shape} done: {f}")
+            for kp in kps:
+                if kp is not None and kp <= k + 1:
+                    continue
+                t0 = time.time()
+                f = gpu_tiers(x, k, kp) if args.gpu else tier_fractions(x, k, args.queries, kp=kp)
+                if f["wrong"]:
+                    raise AssertionError(f"{name} {shape}: {f['wrong']} certified queries differ from brute force")
+                shares = [f"{f[tier]:.1%}" for tier in ("tf32", "tf32x3", "direct")]
+                centred = "yes" if f["centred"] else "no"
+                last = f"{f['ms']:.0f}" if args.gpu else f"{time.time() - t0:.0f}"
+                table.add_row(name, str(n), str(d), str(k), str(f["kp"] or "-"), centred, *shares, last)
+                console.log(f"{name} {shape} done: {f}")
     console.print(table)
 
 

@@ -212,7 +212,7 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
     strides = dict(N=n, D=d, sxb=n * d, sxn=d, sxd=1)
     pair = dict(strides, M=n, syb=n * d, syn=d, syd=1, EXCLUDE_SELF=True)
     cases = []
-    for config in K._SCREEN_CONFIGS:
+    for config in K.screen_configs(kp):
         for precision in K.SCREEN_PRECISIONS:
             for centre in (False, True):
                 norms = torch.empty(n)
@@ -243,14 +243,14 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
 def check(cases: list[Case], arch: int) -> list[str]:
     """What is wrong with these kernels compiled for sm_``arch``: spilled registers, or a screening kernel without
     matrix-unit instructions. Empty when all is well (a kernel that does not compile raises)."""
-    mma = "HGMMA" if arch >= 90 else "HMMA"
+    mma = "HGMMA|HMMA" if arch >= 90 else "HMMA"  # sm_90: warpgroup MMA from 64-row blocks, mma.sync below
     problems = []
     for case in cases:
         c = compile_kernel(case.fn, case.args, arch=arch, num_warps=case.num_warps, num_stages=case.num_stages)
         where = f"sm_{arch} {case.label}"
         if c.spill_bytes:
             problems.append(f"{where}: {c.spill_bytes} bytes of registers spilled ({c.registers} registers)")
-        if case.screen and not re.search(rf"\b{mma}\.", c.sass):
+        if case.screen and not re.search(rf"\b({mma})\.", c.sass):
             problems.append(f"{where}: no {mma} (the matrix unit) in the screening kernel")
     return problems
 

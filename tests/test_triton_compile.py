@@ -2,10 +2,10 @@
 
 Triton compiles for a target it is told, with the ptxas in its wheel; the interpreter tests check what the kernels
 compute, these check that the GPU build of the same source goes through: sm_90 (H100/H200, where the screening's
-dot is a warpgroup MMA) with one feature block, sm_80 (A100) with the feature loop (d above 128), every
-screening configuration, precision and centring, the direct search and the counts. A kernel that fails to compile,
-spills registers, or screens without the matrix unit fails the test (``infofuse.bench.sass --check``). Run in
-fresh processes because the test session's kernels are the interpreter's."""
+dot is a warpgroup MMA) with one feature block and KP = 32 and 64, sm_80 (A100) with the feature loop (d above
+128), every screening configuration, precision and centring, the direct search and the counts. A kernel that
+fails to compile, spills registers, or screens without the matrix unit fails the test (``infofuse.bench.sass
+--check``). Run in fresh processes because the test session's kernels are the interpreter's."""
 
 import os
 import subprocess
@@ -28,7 +28,7 @@ def _ptxas_missing() -> str | None:
 def test_knn_kernels_compile_for_sm80_and_sm90():
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    runs = [("90", "4099,128,10"), ("80", "4099,200,5")]
+    runs = [("90", "4099,128,10;4099,48,18"), ("80", "4099,200,5")]  # KP = 32 (autotuned), 64 (one block), 16
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "infofuse.bench.sass", "--check", "--arch", arch, "--shapes", shape],

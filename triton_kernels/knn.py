@@ -31,6 +31,7 @@ __all__ = [
     "knn_counts",
     "padded_candidates",
     "screen_centre",
+    "screen_configs",
     "screen_error_bound",
     "screen_slots",
     "squared_norms",
@@ -220,11 +221,20 @@ def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.con
     return v
 
 
-# Tried in turn on the first call for each (D, K) on a GPU (K = KP ≤ 32); the interpreter uses fixed sizes.
+# Tried in turn on the first call for each (D, KP, precision, centring) on a GPU where KP ≤ 32; above, the kept
+# entries need the registers and one smaller block runs. The interpreter uses fixed sizes.
 _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
 ]
+_SCREEN_LARGE_KP = triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2)
+
+
+def screen_configs(kp: int) -> list:
+    """The GPU configurations of the screening kernel for KP kept entries (autotuned among them when several)."""
+    return _SCREEN_CONFIGS if kp <= 32 else [_SCREEN_LARGE_KP]
+
+
 _knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "KP", "PRECISION", "CENTRE"])(_knn_screen_kernel)
 
 
@@ -274,8 +284,11 @@ def padded_candidates(m: int) -> int:
 
 
 def screen_slots(k: int) -> int:
-    """KP, the candidates a screening keeps per query for k neighbours: k plus a margin, rounded up to a power of 2."""
-    return triton.next_power_of_2(k + max(4, k // 2))
+    """KP, the candidates a screening keeps per query for k neighbours: k plus a margin of about 7k/8 (at least 4),
+    rounded up to a power of 2. The certificate needs the KP-th screened distance clear of the k-th exact one by
+    the bound; on Gaussian data (N = 2²⁰, d = 16 to 128, the CPU model of bench/knn_screening.py) KP ≈ 1.6 k left
+    4 to 26 % of the queries to the 3×TF32 tier, KP ≥ 1.9 k at most 1 % (bench/NOTES.md, "Screening margin")."""
+    return triton.next_power_of_2(k + max(4, (7 * k + 7) // 8))
 
 
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
@@ -324,8 +337,10 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
         if x.is_cuda and kp <= 32:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
             _knn_screen_tuned[grid](*args, **consts)
-        elif x.is_cuda:  # large k: the kept entries need the registers
-            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, BLOCK_Q=32, BLOCK_C=64, num_warps=4, **consts)
+        elif x.is_cuda:
+            c = _SCREEN_LARGE_KP
+            _knn_screen_kernel[(triton.cdiv(n, c.kwargs["BLOCK_Q"]), b)](*args, **c.kwargs, num_warps=c.num_warps,
+                                                                         num_stages=c.num_stages, **consts)  # fmt: skip
         else:  # the interpreter
             _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, BLOCK_Q=32, BLOCK_C=64, **consts)
     return out_d, out_i, screen_error_bound(nx, ny, d, precision)
