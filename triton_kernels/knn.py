@@ -68,15 +68,23 @@ def _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _store_kept(best_d, best_i, batch, rows, row_mask, slot, out_d_ptr, out_i_ptr, N, KP: tl.constexpr):
+    """Write each query's KP kept (distance, index) entries as they lie, in no order: the caller sorts them by exact
+    distance. Slots that never held a candidate keep a negative index (their distance is ±inf)."""
+    out = batch * N * KP + rows[:, None] * KP + slot
+    tl.store(out_d_ptr + out, best_d, mask=row_mask[:, None])
+    tl.store(out_i_ptr + out, best_i.to(tl.int64), mask=row_mask[:, None])
+
+
+@triton.jit
 def _empty_kept(K, ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Per query KP slots of kept (distance, index), the first K real (+inf), the rest padding that never counts as
     the worst (-inf); indices are distinct negative placeholders."""
     slot = tl.arange(0, KP)[None, :]
-    real = slot < K
     zero = tl.zeros((BLOCK_Q, KP), dtype=ACC)
-    best_d = tl.where(real, zero + float("inf"), zero - float("inf"))
+    best_d = tl.where(slot < K, zero + float("inf"), zero - float("inf"))
     best_i = tl.zeros((BLOCK_Q, KP), dtype=tl.int64) - (slot + 1).to(tl.int64)
-    return slot, real, best_d, best_i
+    return slot, best_d, best_i
 
 
 @triton.jit
@@ -88,15 +96,14 @@ def _knn_direct_kernel(
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
-    slot, real, best_d, best_i = _empty_kept(K, ACC, KP, BLOCK_Q)
+    slot, best_d, best_i = _empty_kept(K, ACC, KP, BLOCK_Q)
     for c0 in range(0, M, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < M
         t = _distance_tile(x_b, y_b, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC, ACC, BLOCK_Q,
                            BLOCK_C, BLOCK_D)  # fmt: skip
         best_d, best_i = _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF)
-    _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP,
-                  KP)  # fmt: skip
+    _store_kept(best_d, best_i, batch, rows, row_mask, slot, out_d_ptr, out_i_ptr, N, KP)
 
 
 @triton.jit
@@ -118,21 +125,6 @@ def _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_S
         t = tl.where(cols[None, :] == c_arg[:, None], float("inf"), t)  # taken (or no better than kept)
         more = tl.max((row_mask & (tl.min(t, axis=1) < tl.max(best_d, axis=1))).to(tl.int32), axis=0) > 0
     return best_d, best_i
-
-
-@triton.jit
-def _store_sorted(best_d, best_i, rows, row_mask, real, slot, out_d_ptr, out_i_ptr, KP: tl.constexpr):
-    """Write the kept entries in (distance, index) order; slots past them get +inf and index -1."""
-    out = rows[:, None] * KP + slot
-    for j in range(0, KP):
-        m = tl.min(tl.where(real, best_d, float("inf")), axis=1)
-        m_idx = tl.min(tl.where(real & (best_d == m[:, None]), best_i, 1 << 62), axis=1)
-        sel = slot == j
-        written = tl.where(m_idx >= (1 << 62), -1, m_idx)  # past the kept entries: "no candidate"
-        tl.store(out_d_ptr + out, tl.where(sel, m[:, None], 0.0), mask=row_mask[:, None] & sel)
-        tl.store(out_i_ptr + out, tl.where(sel, written[:, None], 0), mask=row_mask[:, None] & sel)
-        best_d = tl.where(best_i == m_idx[:, None], float("inf"), best_d)
-        best_i = tl.where(best_i == m_idx[:, None], 1 << 62, best_i)
 
 
 @triton.jit
@@ -186,9 +178,7 @@ def _knn_screen_kernel(
                 t = tl.where((lq + (r0 - c0))[:, None] == lc[None, :], float("inf"), t)
         best_d, best_i, worst, w_slot = _merge_screened(t, c0, lc, slot, best_d, best_i, worst, w_slot)
     nq = tl.load(nx_ptr + batch * N + rows, mask=row_mask, other=0.0)
-    real = slot < KP
-    _store_sorted(nq[:, None] + 2.0 * best_d, best_i.to(tl.int64), rows, row_mask, real, slot,
-                  out_d_ptr + batch * N * KP, out_i_ptr + batch * N * KP, KP)  # fmt: skip
+    _store_kept(nq[:, None] + 2.0 * best_d, best_i, batch, rows, row_mask, slot, out_d_ptr, out_i_ptr, N, KP)
 
 
 @triton.jit
@@ -226,6 +216,8 @@ def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.con
 _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    # fewer registers (≈ 120 at KP = 32 on sm_90): two blocks an SM where 128 × 64 fits one (bench/NOTES.md)
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32}, num_warps=8, num_stages=2),
 ]
 _SCREEN_LARGE_KP = triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2)
 
@@ -293,7 +285,9 @@ def screen_slots(k: int) -> int:
 
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
                    direct: bool | None = None, precision: str = "tf32"):  # fmt: skip
-    """(B, N, KP) candidates in (distance, index) order, KP ≥ k; slots beyond the candidates hold +inf and index -1.
+    """(B, N, KP) candidates, KP ≥ k, in no particular order. A slot with a negative index holds no candidate: +inf
+    in the screening (fewer than KP candidates), -inf in the direct search's padding past k. In the screening a
+    query's largest distance is its KP-th smallest screened one, the certificate's.
 
     Returns (distances, indices, bound). Direct search (Chebyshev, float64, or ``direct=True``): KP = k rounded up
     to a power of two, distances exact (squared for Euclidean), ``bound`` None. Screening (float32/bf16/fp16

@@ -91,11 +91,11 @@ def _knn_triton(x, y, k, metric, exclude_self):
 
 
 def _certified(dist, screened, bound, k):
-    """Whether each query's k best are certain: a candidate left out has screened distance ≥ the last kept one, so
+    """Whether each query's k best are certain: a candidate left out has screened distance ≥ the largest kept one, so
     its exact squared distance is ≥ that minus the bound; below it, the k-th exact distance cannot be beaten
     (strict: ties go to the smaller index, which may be one left out)."""
     kth = dist[..., k - 1].double() * (1 + 2.0**-18)
-    return kth.square() < screened[..., -1].double() - bound
+    return kth.square() < screened.amax(-1).double() - bound  # the KP-th smallest screened (kept in no order)
 
 
 def _search_again(xs, y, rows, k, metric, exclude_self):
