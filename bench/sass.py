@@ -17,8 +17,10 @@ that does little arithmetic per element, as the k-NN candidate loop at small d. 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -115,9 +117,6 @@ def compile_kernel(fn, args: dict, *, arch: int = 90, num_warps: int = 4, num_st
 
 
 def _read_cubin(name: str, arch: int, num_warps: int, kernel) -> Compiled:
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
