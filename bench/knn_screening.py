@@ -64,7 +64,7 @@ def _screen(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor
 def _tier(x, q_rows, k, kp, mu, nx, precision, exclude_self):
     """Model one screening tier for the queries x[q_rows]: their k best (exact float32 distances) and whether each
     is certified. With exclude_self False the query is a candidate and dropped after the search (tier 2)."""
-    from infofuse._ops.knn import _certified
+    from infofuse._ops.knn import _certified, _rerank
     from infofuse.triton_kernels.knn import screen_error_bound
 
     centred = x if mu is None else x - mu
@@ -72,9 +72,8 @@ def _tier(x, q_rows, k, kp, mu, nx, precision, exclude_self):
     if exclude_self:
         s[torch.arange(len(q_rows)), q_rows] = float("inf")
     screened, cand = torch.topk(s, kp, dim=1, largest=False, sorted=True)
-    exact = torch.linalg.vector_norm(x[q_rows][:, None, :] - x[cand], dim=-1)
-    exact = exact.masked_fill(cand == q_rows[:, None], float("inf"))
-    dist = torch.sort(exact, dim=1).values[:, :k]
+    cand = cand.masked_fill(cand == q_rows[:, None], -1)  # the query itself: no candidate (tier 2)
+    dist = _rerank(x[q_rows][None], x[None], cand[None], k, 0)[0][0]  # the package's exact re-ranking
     bound = screen_error_bound(nx[q_rows][None], nx[None], x.shape[1], precision)[0]
     return dist, _certified(dist, screened, bound, k)
 
