@@ -385,9 +385,9 @@ def test_knn_screening_bound_holds_in_tf32(precision):
 
 
 # Most shares of the queries screened again in 3×TF32 and searched directly, at N = 30000, d = 128, k = 10: well
-# above what the CPU model of the TF32 arithmetic gives (bench/knn_screening.py, 2048 queries: with KP = 16 offset
-# 3.3 % and 0, cone 4.3 % and 0, clusters 99.8 % and 0.2 %; with KP = 32, since 2026-12-01, 0 and 0, 0 and 0,
-# 100 % and 0; the real matrix unit, which may round where the model truncates, errs no more).
+# above what the CPU model of the TF32 arithmetic gives (bench/knn_screening.py, 2048 queries, as of 2026-12-01:
+# with KP = 16 offset 3.1 % and 0, cone 3.9 % and 0, clusters 100 % and 0; with KP = 32, the margin since then,
+# 0 and 0, 0 and 0, 100 % and 0; the real matrix unit, which may round where the model truncates, errs no more).
 _TIER_SHARES = {"offset": (0.15, 0.01), "cone": (0.15, 0.01), "clusters": (1.0, 0.03)}
 
 
