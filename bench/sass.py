@@ -206,8 +206,6 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
 
     f32, f64 = torch.empty(n, d), torch.empty(n, d, dtype=torch.float64)  # never read: dtype and alignment count
     kp = K.screen_slots(k)
-    block_d = max(16, triton.next_power_of_2(d))
-    one_d = block_d <= 128
     strides = dict(N=n, D=d, sxb=n * d, sxn=d, sxd=1)
     pair = dict(strides, M=n, syb=n * d, syn=d, syd=1, EXCLUDE_SELF=True)
     cases = []
@@ -218,7 +216,7 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
                 args = dict(pair, x_ptr=f32, y_ptr=f32, mu_ptr=norms, nx_ptr=norms, hy_ptr=norms,
                             SHY=K.padded_candidates(n), out_d_ptr=torch.empty(n, kp),
                             out_i_ptr=torch.empty(n, kp, dtype=torch.int64), PRECISION=precision, CENTRE=centre,
-                            KP=kp, ONE_D=one_d, BLOCK_D=block_d if one_d else 64, INDEX=triton.language.int32,
+                            KP=kp, **K.screen_feature_blocks(d), INDEX=triton.language.int32,
                             **config.kwargs)  # fmt: skip
                 bq, bc = config.kwargs["BLOCK_Q"], config.kwargs["BLOCK_C"]
                 label = f"screen {precision}{' centred' if centre else ''} {bq}x{bc}"

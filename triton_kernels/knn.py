@@ -33,6 +33,7 @@ __all__ = [
     "screen_centre",
     "screen_configs",
     "screen_error_bound",
+    "screen_feature_blocks",
     "screen_slots",
     "squared_norms",
 ]
@@ -275,6 +276,13 @@ def padded_candidates(m: int) -> int:
     return (m // 128 + 1) * 128
 
 
+def screen_feature_blocks(d: int) -> dict:
+    """The screening's feature blocking for d features: ONE_D (all of d in one block, the query block loaded once)
+    and BLOCK_D (d rounded up to a power of two, at least 16 for the matrix unit; else 64 a step)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    return {"ONE_D": block_d <= 128, "BLOCK_D": block_d if block_d <= 128 else 64}
+
+
 def screen_slots(k: int) -> int:
     """KP, the candidates a screening keeps per query for k neighbours: k plus a margin of about 7k/8 (at least 4),
     rounded up to a power of 2. The certificate needs the KP-th screened distance clear of the k-th exact one by
@@ -317,8 +325,6 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     mu, ny = screen_centre(y)
     nx = ny if x is y else squared_norms(x, mu)
     if n:
-        block_d = max(16, triton.next_power_of_2(d))
-        one_d = block_d <= 128
         nx32 = nx.float()
         hy32 = torch.full((b, padded_candidates(m)), float("inf"), dtype=torch.float32, device=x.device)
         hy32[:, :m] = ny / 2
@@ -326,7 +332,7 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
         args = (x, y, centre, nx32, hy32, out_d, out_i, n, m, d, x.stride(0), x.stride(1), x.stride(2),
                 y.stride(0), y.stride(1), y.stride(2), hy32.shape[1])  # fmt: skip
         consts = {"EXCLUDE_SELF": exclude_self, "PRECISION": precision, "CENTRE": mu is not None, "KP": kp,
-                  "ONE_D": one_d, "BLOCK_D": block_d if one_d else 64,
+                  **screen_feature_blocks(d),
                   "INDEX": tl.int32 if m + 1024 < 2**31 else tl.int64}  # fmt: skip
         if x.is_cuda and kp <= 32:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
