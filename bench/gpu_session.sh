@@ -3,7 +3,7 @@
 #   bench/gpu_session.sh STAGE...    from the repository root; logs under $OUT (else bench-out/gpu)
 # Stages: env | build (CUDA extension for this GPU, also saved to $OUT for a later call to carry) | test
 # (tests/test_gpu.py) | sanitize (compute-sanitizer memcheck over every kernel, racecheck over the CUDA k-NN) |
-# bench-lce | bench-info-nce | knn-tiers | bench-knn.
+# bench-lce | bench-info-nce | knn-tiers | knn-configs | bench-knn.
 # Peers come as wheels in .whl/ (see bench/NOTES.md); a prebuilt extension can be carried in python/infofuse/.
 set -u
 export OUT=${OUT:-bench-out/gpu}
@@ -75,6 +75,9 @@ for s in "$@"; do
         ${INFO_NCE_ARGS:-} ;;
     knn-tiers)  # the Triton search's tiers and time on the data models of bench/knn_screening.py (its CPU model's table)
       stage knn-tiers "${TIERS_TIMEOUT:-300}" python3 -m infofuse.bench.knn_screening --gpu ${TIERS_ARGS:-} ;;
+    knn-configs)  # the screening kernel timed in each of its configurations (prefetch or not, block shapes)
+      stage knn-configs "${CONFIGS_TIMEOUT:-300}" python3 -m infofuse.bench.knn_screening --gpu --configs \
+        --models gaussian ${CONFIGS_ARGS:-} ;;
     bench-knn)
       stage bench-knn "${BENCH_TIMEOUT:-420}" python3 -m infofuse bench --op knn_entropy --dtype float32 --reps 2 \
         --warmup 1 --ref-dtype none --out "$OUT/bench" ${KNN_ARGS:-} ;;

@@ -12,17 +12,19 @@ brute force.
     python -m infofuse.bench.knn_screening --models gaussian --kp 8,16,32   # weigh other margins (KP per query)
     python -m infofuse.bench.knn_screening --gpu --kp 16,32                # and time them
     python -m infofuse.bench.knn_screening --gpu     # the real search's tiers and time on the GPU, same data
+    python -m infofuse.bench.knn_screening --gpu --configs --models gaussian   # each kernel configuration timed
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "gpu_tiers", "tier_fractions"]
+__all__ = ["MODELS", "config_label", "gpu_configs", "gpu_tiers", "tier_fractions"]
 
 
 def _gaussian(n, d, g):
@@ -141,6 +143,43 @@ def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
             "tf32x3": (again - direct) / n, "direct": direct / n, "ms": start.elapsed_time(end)}  # fmt: skip
 
 
+def _elapsed_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def config_label(config) -> str:
+    kw = config.kwargs
+    return f"{kw['BLOCK_Q']}x{kw['BLOCK_C']}, {config.num_warps} warps{', prefetch' if kw['PREFETCH'] else ''}"
+
+
+def gpu_configs(x: torch.Tensor, k: int) -> list[dict]:
+    """The screening of every query of x against itself (``knn_candidates``: norms, centring, kernel) in each
+    precision, once with each GPU configuration of the kernel and once autotuned (the search's way); each timed on
+    its second run. The autotuned row names the configuration the autotuner chose."""
+    import infofuse.triton_kernels.knn as tk
+
+    x = x.cuda()[None]
+    kp = tk.screen_slots(k)
+    rows = []
+    for precision in tk.SCREEN_PRECISIONS:
+        for config in [*tk.screen_configs(kp), None]:
+            run = partial(tk.knn_candidates, x, x, k, 0, True, precision=precision, config=config)
+            run()  # compiles (autotunes)
+            ms = _elapsed_ms(run)
+            if config is None:
+                chosen = getattr(tk._knn_screen_tuned, "best_config", None) if kp <= 32 else tk._SCREEN_LARGE_KP
+                label = f"autotuned: {config_label(chosen) if chosen else '?'}"
+            else:
+                label = config_label(config)
+            rows.append({"precision": precision, "config": label, "ms": ms})
+    return rows
+
+
 def main(argv=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -152,7 +191,12 @@ def main(argv=None) -> None:
     p.add_argument("--gpu", action="store_true", help="run the real search on the GPU instead of the model")
     p.add_argument("--kp", default="", help="keep these candidates per query (comma-separated, each above k + 1) "
                    "instead of the package's choice, in the model or, with --gpu, in the real search")  # fmt: skip
+    p.add_argument("--configs", action="store_true", help="with --gpu: time the screening kernel in each of its "
+                   "configurations instead")  # fmt: skip
     args = p.parse_args(argv)
+    if args.configs:
+        _print_configs(args)
+        return
     kps = [int(v) for v in args.kp.split(",") if v] or [None]
     what = "the Triton search on " + torch.cuda.get_device_name() if args.gpu else f"CPU model, {args.queries} queries"
     table = Table(title=f"Triton k-NN screening tiers ({what}, x against itself)")
@@ -176,6 +220,27 @@ def main(argv=None) -> None:
                 last = f"{f['ms']:.0f}" if args.gpu else f"{time.time() - t0:.0f}"
                 table.add_row(name, str(n), str(d), str(k), str(f["kp"] or "-"), centred, *shares, last)
                 console.log(f"{name} {shape} done: {f}")
+    console.print(table)
+
+
+def _print_configs(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not args.gpu:
+        raise SystemExit("--configs times the GPU kernel: it needs --gpu")
+    table = Table(title=f"Triton k-NN screening by kernel configuration ({torch.cuda.get_device_name()}, x against "
+                  "itself, all queries)")  # fmt: skip
+    for col in ("data", "N", "d", "k", "precision", "configuration", "ms"):
+        table.add_column(col, justify="left" if col in ("data", "configuration") else "right")
+    console = Console(width=150)
+    for shape in args.shapes.split(";"):
+        n, d, k = (int(v) for v in shape.split(","))
+        for name in args.models.split(","):
+            x = MODELS[name](n, d, torch.Generator().manual_seed(1)).float().contiguous()
+            for row in gpu_configs(x, k):
+                console.log(f"{name} {shape}: {row}")
+                table.add_row(name, str(n), str(d), str(k), row["precision"], row["config"], f"{row['ms']:.0f}")
     console.print(table)
 
 

@@ -209,17 +209,16 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
     strides = dict(N=n, D=d, sxb=n * d, sxn=d, sxd=1)
     pair = dict(strides, M=n, syb=n * d, syn=d, syd=1, EXCLUDE_SELF=True)
     cases = []
+    x, norms, hy = f32[None], torch.empty(1, n), torch.empty(1, K.padded_candidates(n))
+    out_d, out_i = torch.empty(1, n, kp), torch.empty(1, n, kp, dtype=torch.int64)
     for config in K.screen_configs(kp):
         for precision in K.SCREEN_PRECISIONS:
             for centre in (False, True):
-                norms = torch.empty(n)
-                args = dict(pair, x_ptr=f32, y_ptr=f32, mu_ptr=norms, nx_ptr=norms, hy_ptr=norms,
-                            SHY=K.padded_candidates(n), out_d_ptr=torch.empty(n, kp),
-                            out_i_ptr=torch.empty(n, kp, dtype=torch.int64), PRECISION=precision, CENTRE=centre,
-                            KP=kp, **K.screen_feature_blocks(d), INDEX=triton.language.int32,
-                            **config.kwargs)  # fmt: skip
+                mu = torch.empty(1, d) if centre else None
+                args = dict(K.screen_arguments(x, x, mu, norms, hy, out_d, out_i, True, precision), **config.kwargs)
                 bq, bc = config.kwargs["BLOCK_Q"], config.kwargs["BLOCK_C"]
-                label = f"screen {precision}{' centred' if centre else ''} {bq}x{bc}"
+                label = (f"screen {precision}{' centred' if centre else ''} {bq}x{bc}"
+                         f"{' prefetch' if config.kwargs['PREFETCH'] else ''}")  # fmt: skip
                 cases.append(Case(label, K._knn_screen_kernel, args, config.num_warps, config.num_stages, bq * bc,
                                   True))  # fmt: skip
     meta = {key: v for key, v in K.DIRECT_GPU_META.items() if key != "num_warps"}

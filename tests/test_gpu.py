@@ -384,6 +384,58 @@ def test_knn_screening_bound_holds_in_tf32(precision):
             assert ((screened[0].double() - exact).abs() <= bound[0][:, None]).all(), (d, offset)
 
 
+def test_knn_screening_every_config_keeps_the_nearest_candidates():
+    """Each GPU configuration of the screening kernel (block shapes, PREFETCH, the large-KP one), forced instead of
+    the autotuner's choice, keeps what check_screened wants, at d = 16 (one small feature block), 128 (one block)
+    and 200 (the feature loop), with a partial last tile and centred data."""
+    import infofuse.triton_kernels.knn as tk
+    from tests.test_knn import check_screened
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for d, k, offset in ((16, 3, 0.0), (128, 10, 0.0), (128, 10, 20.0), (200, 5, 0.0)):
+        x = torch.randn(1, 3001, d, device="cuda", generator=g) + offset
+        kp = tk.screen_slots(k)
+        for config in [*tk.screen_configs(kp), tk._SCREEN_LARGE_KP]:
+            for precision in tk.SCREEN_PRECISIONS:
+                check_screened(x, k, *tk.knn_candidates(x, x, k, 0, True, precision=precision, config=config))
+
+
+def test_screen_autotuner_times_a_long_run_once():
+    """time_config, the autotuner's timing: a run past LONG_RUN_MS is timed once after one warm-up run; a short
+    one goes to Triton's do_bench (many runs)."""
+    from infofuse.triton_kernels.knn import LONG_RUN_MS, time_config
+
+    calls = []
+
+    def sleep(cycles):
+        return lambda: (calls.append(cycles), torch.cuda._sleep(cycles))
+
+    probe = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe[0].record()
+    torch.cuda._sleep(10**7)
+    probe[1].record()
+    probe[1].synchronize()
+    long_cycles = int(10**7 * 3 * LONG_RUN_MS / probe[0].elapsed_time(probe[1]))  # about 3 × LONG_RUN_MS
+    got = time_config(sleep(long_cycles), (0.5, 0.2, 0.8))
+    assert len(calls) == 2 and len(got) == 3 and min(got) >= LONG_RUN_MS, (calls, got)
+    calls.clear()
+    got = time_config(sleep(1000), (0.5, 0.2, 0.8))
+    assert len(calls) > 8 and len(got) == 3 and max(got) < LONG_RUN_MS, (len(calls), got)
+
+
+def test_screen_autotuner_keys_on_the_bit_length_of_n():
+    """A small grid and a large one are tuned apart (TUNE_N in the key): a search at N = 1000 does not fix the
+    blocks of one at N = 40000."""
+    import infofuse.triton_kernels.knn as tk
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    for n in (1000, 40000):
+        x = torch.randn(1, n, 16, device="cuda", generator=g)
+        tk.knn_candidates(x, x, 3, 0, True)
+    position = tk._knn_screen_tuned.keys.index("TUNE_N")
+    assert {key[position] for key in tk._knn_screen_tuned.cache} >= {10, 16}
+
+
 # Most shares of the queries screened again in 3×TF32 and searched directly, at N = 30000, d = 128, k = 10: well
 # above what the CPU model of the TF32 arithmetic gives (bench/knn_screening.py, 2048 queries, as of 2026-12-01:
 # with KP = 16 offset 3.1 % and 0, cone 3.9 % and 0, clusters 100 % and 0; with KP = 32, the margin since then,

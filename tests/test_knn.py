@@ -387,20 +387,40 @@ def test_triton_screening_bound_covers_its_error(precision, offset):
     [((203, 37), 1, 0.0), ((203, 37), 3, 0.0), ((203, 37), 3, 30.0), ((2, 70, 20), 17, 0.0), ((5, 3), 3, 0.0),
      ((1, 150, 130), 5, 0.0)],
 )  # fmt: skip
-def test_triton_screening_keeps_the_nearest_candidates(shape, k, offset):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_triton_screening_keeps_the_nearest_candidates(shape, k, offset, prefetch, monkeypatch):
     """The screening kernel itself, x against itself: many query blocks and candidate tiles (a partial last one,
     diagonal tiles at every alignment, rows past N in the last block), fewer candidates than slots, batches,
-    centred data, d above one feature block. Its KP kept candidates (in no order) are distinct, never the query,
-    each within the bound of its exact squared distance, and their exact distances are the KP smallest ones of
-    brute force up to twice the bound (the screening may swap candidates closer than that, no more); slots left
-    empty (fewer candidates than KP) have a negative index and +inf."""
+    centred data, d above one feature block; with and without the candidate tile loaded a tile ahead (PREFETCH,
+    one of the GPU's autotuned choices). The kept candidates as ``check_screened`` wants them: the screening may
+    swap candidates closer than twice the bound, no more."""
+    import infofuse.triton_kernels.knn as tk
     from infofuse.triton_kernels.knn import knn_candidates, screen_centre
 
+    monkeypatch.setitem(tk.INTERPRETER_META, "PREFETCH", prefetch)
     x = points(shape, torch.float32, seed=sum(shape) + k) + offset
     x = x if x.dim() == 3 else x[None]
     assert (screen_centre(x)[0] is not None) == (offset > 0)
+    check_screened(x, k, *knn_candidates(x, x, k, 0, True))
+
+
+@pytest.mark.parametrize("shape, k", [((1, 301, 37), 3), ((1, 150, 130), 10)])
+def test_triton_screening_in_every_gpu_configuration(shape, k):
+    """The GPU's screening configurations (their block shapes and PREFETCH; the interpreter has no warps) keep what
+    check_screened wants: several tiles with a partial last one, rows past N, one and several feature blocks."""
+    import infofuse.triton_kernels.knn as tk
+
+    x = points(shape, torch.float32, seed=shape[1] + k)
+    kp = tk.screen_slots(k)
+    for config in [*tk.screen_configs(kp), tk._SCREEN_LARGE_KP]:
+        check_screened(x, k, *tk.knn_candidates(x, x, k, 0, True, config=config))
+
+
+def check_screened(x, k, screened, idx, bound):
+    """The screening's kept candidates of x (B, N, d) against itself: distinct, never the query, screened values
+    within the bound of the exact squared distances, the KP nearest of brute force up to twice the bound; empty
+    slots (fewer candidates than KP) negative and +inf."""
     b, n, _ = x.shape
-    screened, idx, bound = knn_candidates(x, x, k, 0, True)
     screened, order = screened.sort(-1)
     idx = idx.gather(-1, order)
     kp = idx.shape[-1]
@@ -411,13 +431,29 @@ def test_triton_screening_keeps_the_nearest_candidates(shape, k, offset):
     assert (idx[..., :kept] >= 0).all() and (idx[..., kept:] < 0).all(), "kept slots"
     assert torch.isinf(screened[..., kept:]).all()
     ids, scr = idx[..., :kept], screened[..., :kept].double()
-    assert not (ids == torch.arange(n)[None, :, None]).any(), "a point is its own candidate"
+    assert not (ids == torch.arange(n, device=x.device)[None, :, None]).any(), "a point is its own candidate"
     assert (ids.sort(-1).values.diff(dim=-1) != 0).all(), "repeated candidate"
     exact = d2.gather(-1, ids)
     assert ((scr - exact).abs() <= bound[..., None]).all(), "screened value outside the bound"
     want = d2.sort(-1).values[..., :kept]
     off = (exact.sort(-1).values - want).abs()
     assert (off <= 2 * bound[..., None]).all(), f"kept candidates not the nearest (off by up to {off.max()})"
+
+
+def test_screen_autotuning_prunes_prefetch_without_one_feature_block():
+    """PREFETCH only changes the one-feature-block loop: without ONE_D the autotuner tries each block shape once."""
+    import infofuse.triton_kernels.knn as tk
+
+    configs = tk.screen_configs(16)
+    assert {c.kwargs["PREFETCH"] for c in configs} == {True, False}
+    assert tk._prune_screen_configs(configs, {}, ONE_D=True, BLOCK_D=128) == configs
+    pruned = tk._prune_screen_configs(configs, {}, ONE_D=False, BLOCK_D=64)
+    assert not any(c.kwargs["PREFETCH"] for c in pruned)
+
+    def shape(c):
+        return c.kwargs["BLOCK_Q"], c.kwargs["BLOCK_C"], c.num_warps
+
+    assert sorted(map(shape, pruned)) == sorted(set(map(shape, configs)))
 
 
 def test_triton_centring_certifies_points_far_from_the_origin(monkeypatch):

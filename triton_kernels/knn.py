@@ -32,6 +32,7 @@ __all__ = [
     "padded_candidates",
     "screen_centre",
     "screen_configs",
+    "screen_arguments",
     "screen_error_bound",
     "screen_feature_blocks",
     "screen_slots",
@@ -132,17 +133,19 @@ def _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_S
 def _knn_screen_kernel(
     x_ptr, y_ptr, mu_ptr, nx_ptr, hy_ptr, out_d_ptr, out_i_ptr,
     N, M, D,
-    sxb, sxn, sxd, syb, syn, syd, SHY,
+    sxb, sxn, sxd, syb, syn, syd, SHY, TUNE_N,
     EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, CENTRE: tl.constexpr, KP: tl.constexpr,
-    ONE_D: tl.constexpr, INDEX: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ONE_D: tl.constexpr, INDEX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Squared Euclidean screening. Along a query's row the candidates are ranked by s = ‖b‖²/2 − a·b (the query's
     own ‖a‖² is the same for all of them): one subtraction per pair after the dot. hy: float32 (B, SHY) ‖b‖²/2,
     then +inf up to SHY, a multiple of BLOCK_C above M (so the last tile needs no mask). The kept entries leave as
     ‖a‖² + 2s (nx: float32 (B, N) ‖a‖²). CENTRE: every point has the centre mu (float32 (B, D)) subtracted as it
     is loaded (the norms are then those of the centred points). ONE_D: D ≤ BLOCK_D, and the query block is loaded
-    once for all candidate tiles. INDEX: the kept indices' dtype (int32 below 2³¹ candidates).
+    once for all candidate tiles. INDEX: the kept indices' dtype (int32 below 2³¹ candidates). PREFETCH (with
+    ONE_D): each candidate tile is loaded, as stored, during the tile before it (centred when used). TUNE_N: not
+    used here; N's bit length, for the autotuner's key (the grid's size decides which blocks fill the GPU).
 
     Per tile, only what the tile needs: the +inf of hy past M stands for the last tile's missing candidates, and the
     self-exclusion runs only on the tiles that meet the diagonal. Query rows past N keep -inf entries, so they never
@@ -156,6 +159,12 @@ def _knn_screen_kernel(
         a_all = _centred_rows(x_b, mu_ptr + batch * D, rows, row_mask, ds, D, sxn, sxd, CENTRE)
     else:
         a_all = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    if ONE_D and PREFETCH:  # the candidate tile's pointers, advanced a tile at a time
+        b_ptrs = y_b + lc.to(tl.int64)[:, None] * syn + ds[None, :] * syd
+        b_raw = tl.load(b_ptrs, mask=(lc < M)[:, None] & (ds < D)[None, :], other=0.0)  # the first tile
+    else:
+        b_ptrs = y_b + tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.int64)  # unused
+        b_raw = tl.zeros((BLOCK_C, BLOCK_D), dtype=y_ptr.dtype.element_ty)
     slot = tl.arange(0, KP)[None, :]
     best_d = tl.where(row_mask[:, None] & (slot >= 0), float("inf"), float("-inf"))
     best_i = tl.zeros((BLOCK_Q, KP), dtype=INDEX) - 1 - slot
@@ -164,7 +173,12 @@ def _knn_screen_kernel(
         cols = c0 + lc.to(tl.int64)
         col_mask = lc < M - c0
         if ONE_D:
-            b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, ds, D, syn, syd, CENTRE)
+            if PREFETCH:  # this tile was loaded during the last one; the next one loads during this one
+                b = _centre(b_raw.to(tl.float32), mu_ptr + batch * D, ds, D, CENTRE)
+                b_ptrs += BLOCK_C * syn
+                b_raw = tl.load(b_ptrs, mask=(lc < M - c0 - BLOCK_C)[:, None] & (ds < D)[None, :], other=0.0)
+            else:
+                b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, ds, D, syn, syd, CENTRE)
             dot = tl.dot(a_all, tl.trans(b), input_precision=PRECISION)
         else:
             dot = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
@@ -202,25 +216,44 @@ def _merge_screened(t, c0, lc, slot, best_d, best_i, worst, w_slot):
 
 
 @triton.jit
-def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.constexpr):
-    """(rows × ds) block of points in float32, zero outside D, minus the centre mu where CENTRE."""
-    d_mask = ds < D
-    v = tl.load(v_ptr + rows[:, None] * svn + ds[None, :] * svd, mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0).to(tl.float32)  # fmt: skip
+def _rows(v_ptr, rows, row_mask, ds, D, svn, svd):
+    """(rows × ds) block of points as stored, zero outside D and the rows."""
+    return tl.load(v_ptr + rows[:, None] * svn + ds[None, :] * svd, mask=row_mask[:, None] & (ds < D)[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _centre(v, mu_ptr, ds, D, CENTRE: tl.constexpr):
+    """v minus the centre mu (float32, zero outside D) where CENTRE."""
     if CENTRE:
-        v = v - tl.load(mu_ptr + ds, mask=d_mask, other=0.0)[None, :]
+        v = v - tl.load(mu_ptr + ds, mask=ds < D, other=0.0)[None, :]
     return v
 
 
-# Tried in turn on the first call for each (D, KP, precision, centring) on a GPU where KP ≤ 32; above, the kept
-# entries need the registers and one smaller block runs. The interpreter uses fixed sizes.
+@triton.jit
+def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.constexpr):
+    """(rows × ds) block of points in float32, zero outside D, minus the centre mu where CENTRE."""
+    return _centre(_rows(v_ptr, rows, row_mask, ds, D, svn, svd).to(tl.float32), mu_ptr, ds, D, CENTRE)
+
+
+# Tried in turn on the first call for each (D, KP, precision, centring, N's bit length) on a GPU where KP ≤ 32;
+# above, the kept entries need the registers and one smaller block runs. PREFETCH (one feature block only): the
+# next candidate tile is loaded into registers while this one is screened and merged. Triton does not pipeline a
+# loop with a loop in it (the merge), so without it every tile waits for its own loads; with it, ~40 more
+# registers a thread at 128 × 64 and d = 128, and no more instructions (bench/NOTES.md): the GPU decides. The
+# interpreter uses INTERPRETER_META.
 _SCREEN_CONFIGS = [
-    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64, "PREFETCH": True}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64, "PREFETCH": False}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64, "PREFETCH": False}, num_warps=4, num_stages=2),
     # fewer registers (≈ 120 at KP = 32 on sm_90): two blocks an SM where 128 × 64 fits one (bench/NOTES.md)
-    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32, "PREFETCH": True}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32, "PREFETCH": False}, num_warps=8, num_stages=2),
 ]
-_SCREEN_LARGE_KP = triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2)
+_SCREEN_LARGE_KP = triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64, "PREFETCH": False}, num_warps=4, num_stages=2)
+INTERPRETER_META = {"BLOCK_Q": 32, "BLOCK_C": 64, "PREFETCH": True}
+# A configuration's run at least this long (ms) is timed once, after one warm run, when autotuning.
+LONG_RUN_MS = 20.0
 
 
 def screen_configs(kp: int) -> list:
@@ -228,7 +261,32 @@ def screen_configs(kp: int) -> list:
     return _SCREEN_CONFIGS if kp <= 32 else [_SCREEN_LARGE_KP]
 
 
-_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "KP", "PRECISION", "CENTRE"])(_knn_screen_kernel)
+def _prune_screen_configs(configs, named_args, **kwargs):
+    """Without ONE_D the tile loop has the feature loop in it and PREFETCH changes nothing: one of each pair."""
+    return configs if kwargs.get("ONE_D", True) else [c for c in configs if not c.kwargs["PREFETCH"]]
+
+
+def time_config(kernel_call, quantiles):
+    """The autotuner's timing of one configuration. Triton's do_bench runs a kernel at least 8 times; a screening
+    of 2²⁰ points takes about a second a run, so a run of LONG_RUN_MS or more is timed once after one warm-up run
+    (two runs a configuration): run-to-run noise at that length is far below what separates the configurations."""
+    import triton.testing
+
+    kernel_call()  # compiles, and warms
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    kernel_call()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end)
+    if ms >= LONG_RUN_MS:
+        return [ms] * len(quantiles)
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+
+
+_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "KP", "PRECISION", "CENTRE", "TUNE_N"],
+                                    prune_configs_by={"early_config_prune": _prune_screen_configs},
+                                    do_bench=time_config)(_knn_screen_kernel)  # fmt: skip
 
 
 @triton.jit
@@ -292,7 +350,8 @@ def screen_slots(k: int) -> int:
 
 
 def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
-                   direct: bool | None = None, precision: str = "tf32"):  # fmt: skip
+                   direct: bool | None = None, precision: str = "tf32",
+                   config: triton.Config | None = None):  # fmt: skip
     """(B, N, KP) candidates, KP ≥ k, in no particular order. A slot with a negative index holds no candidate: +inf
     in the screening (fewer than KP candidates), -inf in the direct search's padding past k. In the screening a
     query's largest distance is its KP-th smallest screened one, the certificate's.
@@ -303,7 +362,8 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     the interpreter computes in float32 whatever it is told), and ``bound`` (B, N) float64 bounds
     |screened − exact squared distance| for every candidate of each query (``screen_error_bound``). The points are
     screened relative to the candidates' mean where that shrinks their norms (``screen_centre``): distances do not
-    change, the bound does."""
+    change, the bound does. ``config``: screen with this configuration (one of ``screen_configs``) instead of the
+    autotuned one on the GPU, or with its blocks instead of INTERPRETER_META's in the interpreter."""
     b, n, d = x.shape
     m = y.shape[1]
     if direct is None:
@@ -325,25 +385,37 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
     mu, ny = screen_centre(y)
     nx = ny if x is y else squared_norms(x, mu)
     if n:
-        nx32 = nx.float()
         hy32 = torch.full((b, padded_candidates(m)), float("inf"), dtype=torch.float32, device=x.device)
         hy32[:, :m] = ny / 2
-        centre = mu if mu is not None else hy32  # any float32 pointer when not centring (never read)
-        args = (x, y, centre, nx32, hy32, out_d, out_i, n, m, d, x.stride(0), x.stride(1), x.stride(2),
-                y.stride(0), y.stride(1), y.stride(2), hy32.shape[1])  # fmt: skip
-        consts = {"EXCLUDE_SELF": exclude_self, "PRECISION": precision, "CENTRE": mu is not None, "KP": kp,
-                  **screen_feature_blocks(d),
-                  "INDEX": tl.int32 if m + 1024 < 2**31 else tl.int64}  # fmt: skip
-        if x.is_cuda and kp <= 32:
+        args = screen_arguments(x, y, mu, nx.float(), hy32, out_d, out_i, exclude_self, precision)
+        if x.is_cuda and config is None and kp <= 32:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_Q"]), b)  # noqa: E731
-            _knn_screen_tuned[grid](*args, **consts)
-        elif x.is_cuda:
-            c = _SCREEN_LARGE_KP
-            _knn_screen_kernel[(triton.cdiv(n, c.kwargs["BLOCK_Q"]), b)](*args, **c.kwargs, num_warps=c.num_warps,
-                                                                         num_stages=c.num_stages, **consts)  # fmt: skip
-        else:  # the interpreter
-            _knn_screen_kernel[(triton.cdiv(n, 32), b)](*args, BLOCK_Q=32, BLOCK_C=64, **consts)
+            _knn_screen_tuned[grid](**args)
+        else:
+            if x.is_cuda:
+                c = config or _SCREEN_LARGE_KP
+                meta = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            else:  # the interpreter: the blocks of ``config`` where given
+                meta = dict(config.kwargs) if config else INTERPRETER_META
+            _knn_screen_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](**args, **meta)
     return out_d, out_i, screen_error_bound(nx, ny, d, precision)
+
+
+def screen_arguments(x, y, mu, nx32, hy32, out_d, out_i, exclude_self: bool, precision: str) -> dict:
+    """The screening kernel's arguments by name, all but the blocks of a configuration: x (B, N, d) queries, y
+    (B, M, d) candidates, mu the centre (float32 (B, d)) or None, nx32 float32 (B, N) ‖a‖², hy32 float32 (B, SHY)
+    ‖b‖²/2 then +inf (``padded_candidates``), out_d / out_i (B, N, KP). What knn_candidates launches, and what
+    bench/sass.py compiles."""
+    b, n, d = x.shape
+    m = y.shape[1]
+    return dict(
+        x_ptr=x, y_ptr=y, mu_ptr=hy32 if mu is None else mu,  # any float32 pointer when not centring (never read)
+        nx_ptr=nx32, hy_ptr=hy32, out_d_ptr=out_d, out_i_ptr=out_i, N=n, M=m, D=d,
+        sxb=x.stride(0), sxn=x.stride(1), sxd=x.stride(2), syb=y.stride(0), syn=y.stride(1), syd=y.stride(2),
+        SHY=hy32.shape[1], TUNE_N=n.bit_length(), EXCLUDE_SELF=exclude_self, PRECISION=precision,
+        CENTRE=mu is not None, KP=out_d.shape[-1], **screen_feature_blocks(d),
+        INDEX=tl.int32 if m + 1024 < 2**31 else tl.int64,
+    )  # fmt: skip
 
 
 # Bytes of float64 rows per step when norms and centres are computed (bounded temporaries).
