@@ -84,7 +84,10 @@ def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: 
                    kp: int | None = None) -> dict:  # fmt: skip
     """Fractions of sampled queries certified by TF32, by 3×TF32, and left to the direct kernel (x against itself),
     and how many certified queries differ from float64 brute force (``wrong``: must be 0). ``kp``: the candidates
-    kept per query in both tiers instead of the package's (``screen_slots``), to weigh other margins."""
+    kept per query in both tiers instead of the package's (``screen_slots``), to weigh other margins. ``first``:
+    the tier the search's probe would start a large search in, from the TF32 share (the shares are those of a
+    search started in TF32)."""
+    from infofuse._ops.knn import PROBE_MIN_SHARE, SCREEN_TIERS
     from infofuse.triton_kernels.knn import screen_centre, screen_slots
 
     n, d = x.shape
@@ -109,10 +112,10 @@ def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: 
         full[torch.arange(len(rows)), rows] = float("inf")
         want = torch.topk(full, k, dim=1, largest=False).values[done]
         counts["wrong"] += int(((dist[done].double() - want).abs() > 1e-5 * want).any(dim=1).sum())
-    total = len(sample)
-    return {"centred": mu is not None, "kp": kp, "wrong": counts.pop("wrong")} | {
-        key: value / total for key, value in counts.items()
-    }
+    wrong = counts.pop("wrong")
+    shares = {key: value / len(sample) for key, value in counts.items()}
+    first = SCREEN_TIERS[0] if shares["tf32"] >= PROBE_MIN_SHARE else SCREEN_TIERS[1]  # as the search's probe decides
+    return {"centred": mu is not None, "kp": kp, "wrong": wrong, "first": first} | shares
 
 
 def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
@@ -140,7 +143,8 @@ def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
     n = last_search_tiers["queries"]
     again, direct = last_search_tiers["tf32x3"], last_search_tiers["direct"]
     return {"centred": tk.screen_centre(x[None])[0] is not None, "kp": used, "wrong": 0, "tf32": (n - again) / n,
-            "tf32x3": (again - direct) / n, "direct": direct / n, "ms": start.elapsed_time(end)}  # fmt: skip
+            "tf32x3": (again - direct) / n, "direct": direct / n, "first": last_search_tiers["first"],
+            "ms": start.elapsed_time(end)}  # fmt: skip
 
 
 def _elapsed_ms(fn) -> float:
@@ -200,7 +204,8 @@ def main(argv=None) -> None:
     kps = [int(v) for v in args.kp.split(",") if v] or [None]
     what = "the Triton search on " + torch.cuda.get_device_name() if args.gpu else f"CPU model, {args.queries} queries"
     table = Table(title=f"Triton k-NN screening tiers ({what}, x against itself)")
-    cols = ["data", "N", "d", "k", "KP", "centred", "TF32 certifies", "3×TF32 certifies", "direct kernel"]
+    cols = ["data", "N", "d", "k", "KP", "centred", "first tier", "TF32 certifies", "3×TF32 certifies",
+            "direct kernel"]  # fmt: skip
     for col in [*cols, "search ms" if args.gpu else "s"]:
         table.add_column(col, justify="left" if col == "data" else "right")
     console = Console(width=150)
@@ -218,7 +223,7 @@ def main(argv=None) -> None:
                 shares = [f"{f[tier]:.1%}" for tier in ("tf32", "tf32x3", "direct")]
                 centred = "yes" if f["centred"] else "no"
                 last = f"{f['ms']:.0f}" if args.gpu else f"{time.time() - t0:.0f}"
-                table.add_row(name, str(n), str(d), str(k), str(f["kp"] or "-"), centred, *shares, last)
+                table.add_row(name, str(n), str(d), str(k), str(f["kp"] or "-"), centred, f["first"], *shares, last)
                 console.log(f"{name} {shape} done: {f}")
     console.print(table)
 

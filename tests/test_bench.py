@@ -194,7 +194,7 @@ def test_reference_out_of_memory_leaves_out_the_accuracy_columns(monkeypatch, tm
 def test_knn_screening_model_tiers_add_up_and_agree_with_brute_force():
     """The CPU model of the Triton search's tiers (bench/knn_screening.py) on small samples of every data model: each
     sampled query ends in one tier, the certified answers are brute force's, offset data is screened centred and
-    tight clusters need the second tier."""
+    tight clusters need the second tier, where the search's probe would start them."""
     from infofuse.bench.knn_screening import MODELS, tier_fractions
 
     for name, make in MODELS.items():
@@ -202,6 +202,7 @@ def test_knn_screening_model_tiers_add_up_and_agree_with_brute_force():
         assert f["wrong"] == 0, (name, f)
         assert abs(f["tf32"] + f["tf32x3"] + f["direct"] - 1) < 1e-12, (name, f)
         assert f["centred"] == (name in ("offset", "cone")), (name, f)
+        assert f["first"] == ("tf32x3" if name == "clusters" else "tf32"), (name, f)
         if name == "clusters":
             assert f["tf32"] < 0.5 < f["tf32x3"], f
 

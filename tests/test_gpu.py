@@ -455,11 +455,32 @@ def test_knn_triton_tiers_on_data_far_from_the_origin_or_clustered(model):
     dist, idx = knn(x, k=10, impl="triton")
     tiers = dict(last_search_tiers)
     again, direct = _TIER_SHARES[model]
-    assert tiers["queries"] == 30000, tiers
+    assert tiers["queries"] == 30000 and tiers["probe"] == 0, tiers
     assert tiers["tf32x3"] <= again * 30000 and tiers["direct"] <= direct * 30000, tiers
-    q = x[:2000].double()
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+@pytest.mark.parametrize("model, first", [("gaussian", "tf32"), ("clusters", "tf32x3")])
+def test_knn_triton_probe_picks_the_first_tier(model, first):
+    """A search of 2¹⁶ + 4464 points (past the probe's thresholds) probes 2048 queries in TF32 and starts where the
+    CPU model says TF32 certifies most queries (Gaussian) or none (clusters): in TF32 or in 3×TF32."""
+    from infofuse import knn
+    from infofuse._ops.knn import PROBE_QUERIES, last_search_tiers
+    from infofuse.bench.knn_screening import MODELS
+
+    x = MODELS[model](70000, 128, torch.Generator().manual_seed(4)).cuda()
+    dist, idx = knn(x, k=10, impl="triton")
+    tiers = dict(last_search_tiers)
+    assert tiers["probe"] == PROBE_QUERIES and tiers["first"] == first, tiers
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+def _check_first_rows(x, dist, idx, name, rows=2000):
+    """The k-NN of x against itself, self excluded, for its first rows against float64 brute force."""
+    k = dist.shape[-1]
+    q = x[:rows].double()
     full = torch.cdist(q, x.double())
-    full[torch.arange(2000), torch.arange(2000)] = float("inf")
-    want = torch.sort(full, dim=1, stable=True).values[:, :10]
-    assert_close(dist[:2000], want, rtol=2e-6, atol=2e-6, name=f"{model} distances ({tiers})")
-    assert_close(dist[:2000], full.gather(1, idx[:2000]), rtol=2e-6, atol=2e-6, name=f"{model} distance of its index")
+    full[torch.arange(rows), torch.arange(rows)] = float("inf")
+    want = torch.sort(full, dim=1, stable=True).values[:, :k]
+    assert_close(dist[:rows], want, rtol=2e-6, atol=2e-6, name=f"{name} distances")
+    assert_close(dist[:rows], full.gather(1, idx[:rows]), rtol=2e-6, atol=2e-6, name=f"{name} distance of its index")

@@ -356,15 +356,44 @@ def test_triton_uncertified_queries_are_searched_again_exactly(monkeypatch, fail
     direct = 67 if "tf32x3" in failing else 0
     for k in (1, 5):
         check_neighbours(x, None, k, "euclidean", *knn(x, k=k, impl="triton"))
-        assert last_search_tiers == {"queries": 67, "tf32x3": 67, "direct": direct}
+        assert last_search_tiers == {"queries": 67, "probe": 0, "first": "tf32", "tf32x3": 67, "direct": direct}
         check_neighbours(x, y, k, "euclidean", *knn(x, y, k=k, impl="triton"))
-        assert last_search_tiers == {"queries": 67, "tf32x3": 67, "direct": direct}
+        assert last_search_tiers == {"queries": 67, "probe": 0, "first": "tf32", "tf32x3": 67, "direct": direct}
     base = points((2, 10, 3), torch.float32, seed=22)
     xb = torch.cat([base, base, base[:, :4]], dim=1)  # points i, i + 10 (and i + 20) coincide
     dist, idx = knn(xb, k=3, impl="triton")
     check_neighbours(xb, None, 3, "euclidean", dist, idx)
     assert idx[0, 0].tolist() == [10, 20, idx[0, 0, 2].item()] and dist[0, 0, :2].tolist() == [0.0, 0.0]
     assert last_search_tiers["tf32x3"] == 48
+
+
+def test_triton_probe_starts_uncertifiable_data_in_tf32x3(monkeypatch):
+    """A large search first screens random queries in TF32 (large here by lowered thresholds): where TF32 certifies
+    too few of them (points far from the origin, not centred), every query starts in 3×TF32, and those 3×TF32 does
+    not certify go straight to the direct kernel; near the origin the search starts in TF32. The answer is brute
+    force's either way (self excluded by index, batches, queries against other points). A small search is not
+    probed."""
+    import infofuse._ops.knn as ops
+    import infofuse.triton_kernels.knn as tk
+    from infofuse._ops.knn import last_search_tiers
+
+    x = points((2, 80, 12), torch.float32, seed=26)
+    check_neighbours(x, None, 3, "euclidean", *knn(x, k=3, impl="triton"))
+    assert last_search_tiers["probe"] == 0 and last_search_tiers["first"] == "tf32"
+    monkeypatch.setattr(ops, "PROBE_QUERIES", 5)  # 80 queries: 16 probes' worth
+    monkeypatch.setattr(ops, "PROBE_MIN_PAIRS", 0)
+    check_neighbours(x, None, 3, "euclidean", *knn(x, k=3, impl="triton"))
+    assert last_search_tiers["probe"] == 10 and last_search_tiers["first"] == "tf32", dict(last_search_tiers)
+    monkeypatch.setattr(tk, "CENTRE_GAIN", 0.0)  # never centre: the TF32 bound then certifies none far out
+    far, y = x + 40.0, points((2, 90, 12), torch.float32, seed=27) + 40.0
+    for other in (None, y):
+        check_neighbours(far, other, 3, "euclidean", *knn(far, other, k=3, impl="triton"))
+        assert last_search_tiers["probe"] == 10 and last_search_tiers["first"] == "tf32x3"
+        assert last_search_tiers["tf32x3"] == 160, dict(last_search_tiers)
+    real = tk.screen_error_bound
+    monkeypatch.setattr(tk, "screen_error_bound", lambda nx, ny, d, precision: real(nx, ny, d, precision) * 1e9)
+    check_neighbours(far, None, 3, "euclidean", *knn(far, k=3, impl="triton"))
+    assert last_search_tiers == {"queries": 160, "probe": 10, "first": "tf32x3", "tf32x3": 160, "direct": 160}
 
 
 @pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
@@ -464,7 +493,7 @@ def test_triton_centring_certifies_points_far_from_the_origin(monkeypatch):
 
     x = points((2, 70, 24), torch.float32, seed=24) + 40.0
     check_neighbours(x, None, 4, "euclidean", *knn(x, k=4, impl="triton"))
-    assert last_search_tiers == {"queries": 140, "tf32x3": 0, "direct": 0}
+    assert last_search_tiers == {"queries": 140, "probe": 0, "first": "tf32", "tf32x3": 0, "direct": 0}
     monkeypatch.setattr(tk, "CENTRE_GAIN", 0.0)  # never centre
     check_neighbours(x, None, 4, "euclidean", *knn(x, k=4, impl="triton"))
     assert last_search_tiers["tf32x3"] == 140

@@ -43,7 +43,7 @@ def exact_distances(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, metric:
     for r0 in range(0, n, rows):
         part = idx[:, r0 : r0 + rows]
         safe = part.clamp(min=0)
-        nb = torch.gather(y.to(acc), 1, safe.reshape(b, -1, 1).expand(-1, -1, d)).reshape(*safe.shape, d)
+        nb = torch.gather(y, 1, safe.reshape(b, -1, 1).expand(-1, -1, d)).reshape(*safe.shape, d).to(acc)
         diff = x[:, r0 : r0 + rows, None, :].to(acc) - nb
         if metric == 1:
             dist = diff.abs().amax(-1) if d else diff.new_zeros(diff.shape[:-1])
@@ -64,9 +64,15 @@ def _rerank(x, y, idx, k, metric):
 
 # The Triton search in tiers: every query is screened in TF32; a query that the TF32 bound cannot certify is
 # screened again in 3×TF32 (about a thousand times tighter); one that still is not certified is searched by the
-# direct (exact) kernel. Counts of the last call, for benchmarks and tests: queries, screened again, searched directly.
+# direct (exact) kernel. A large search first probes PROBE_QUERIES random queries in TF32 (``_first_tier``): where
+# TF32 certifies fewer than PROBE_MIN_SHARE of them (unit vectors in tight clusters, bench/knn_screening.py), every
+# query starts in 3×TF32 instead of paying for both passes. Counts of the last call, for benchmarks and tests:
+# queries, probed queries, the first tier, queries screened in 3×TF32 (first or again), searched directly.
 SCREEN_TIERS = ("tf32", "tf32x3")
-last_search_tiers: dict[str, int] = {"queries": 0, "tf32x3": 0, "direct": 0}
+PROBE_QUERIES = 2048
+PROBE_MIN_PAIRS = 1 << 32  # (query, candidate) pairs from which a search is probed (and 16 probes' worth of queries)
+PROBE_MIN_SHARE = 0.5
+last_search_tiers: dict[str, int | str] = {"queries": 0, "probe": 0, "first": "tf32", "tf32x3": 0, "direct": 0}
 
 
 def _knn_triton(x, y, k, metric, exclude_self):
@@ -75,19 +81,42 @@ def _knn_triton(x, y, k, metric, exclude_self):
     reason = triton_usable(x.device)
     if reason is not None:
         raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    last_search_tiers.update(queries=x.shape[0] * x.shape[1], tf32x3=0, direct=0)
-    screened, idx, bound = knn_candidates(x, y, k, metric, exclude_self, precision=SCREEN_TIERS[0])
+    queries = x.shape[0] * x.shape[1]
+    last_search_tiers.update(queries=queries, probe=0, first=SCREEN_TIERS[0], tf32x3=0, direct=0)
+    first = _first_tier(x, y, k, metric, exclude_self)
+    if first == SCREEN_TIERS[1]:
+        last_search_tiers.update(first=first, tf32x3=queries)
+    screened, idx, bound = knn_candidates(x, y, k, metric, exclude_self, precision=first)
     dist, idx_k = _rerank(x, y, idx, k, metric)
     if bound is None or k == 0 or x.shape[1] == 0:
         return dist, idx_k
     redo = ~_certified(dist, screened, bound, k)
     if bool(redo.any()):
+        later = SCREEN_TIERS[SCREEN_TIERS.index(first) + 1 :]
         for bi in redo.any(dim=1).nonzero().flatten().tolist():
             rows = redo[bi].nonzero().flatten()
-            d_rows, i_rows = _search_again(x[bi, rows][None], y[bi : bi + 1], rows, k, metric, exclude_self)
+            d_rows, i_rows = _search_again(x[bi, rows][None], y[bi : bi + 1], rows, k, metric, exclude_self, later)
             dist[bi, rows] = d_rows[0]
             idx_k[bi, rows] = i_rows[0]
     return dist, idx_k
+
+
+def _first_tier(x, y, k, metric, exclude_self) -> str:
+    """The first tier's precision: TF32, unless this is a large screened search and TF32 certifies fewer than
+    PROBE_MIN_SHARE of PROBE_QUERIES random queries (the same rows in every batch entry), screened first.
+
+    TF32 first costs C₁ + (1 − p)·C₃ for a share p certified by it, 3×TF32 first C₃. C₁/C₃ is about 1/3 where the
+    matrix unit bounds both (d = 128: three TF32 dots for one) and about 2/3 where the issue slots do (d = 16: 0.245
+    and 0.366 warp-instructions a pair, bench/NOTES.md), so the break-even p lies between, as PROBE_MIN_SHARE does.
+    The probe costs PROBE_QUERIES / N of a TF32 pass."""
+    b, n, _ = x.shape
+    screened = metric == 0 and x.dtype != torch.float64  # else knn_candidates searches directly
+    if not screened or n < 16 * PROBE_QUERIES or b * n * y.shape[1] < PROBE_MIN_PAIRS:
+        return SCREEN_TIERS[0]
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:PROBE_QUERIES].to(x.device)
+    last_search_tiers["probe"] = b * rows.numel()
+    certified = _gathered(x[:, rows], y, rows, k, metric, exclude_self, SCREEN_TIERS[0])[2]
+    return SCREEN_TIERS[0] if float(certified.double().mean()) >= PROBE_MIN_SHARE else SCREEN_TIERS[1]
 
 
 def _certified(dist, screened, bound, k):
@@ -98,28 +127,40 @@ def _certified(dist, screened, bound, k):
     return kth.square() < screened.amax(-1).double() - bound  # the KP-th smallest screened (kept in no order)
 
 
-def _search_again(xs, y, rows, k, metric, exclude_self):
-    """The k best of y for the queries xs (1, R, d), the rows ``rows`` of the original x: screened in 3×TF32, then
-    by the direct kernel for those still not certified. A gathered query no longer knows its own index, so with
-    exclude_self one more neighbour is asked for and the query itself is dropped by index."""
+def _gathered(xs, y, rows, k, metric, exclude_self, precision):
+    """(distances, indices, certified) of the k best of y (B, M, d) for the gathered queries xs (B, R, d), the rows
+    ``rows`` (R,) of the original x: screened in ``precision``, or by the direct kernel where it is None (all
+    certified). A gathered query no longer knows its own index, so with exclude_self one more neighbour is asked
+    for and the query itself is dropped by index; among the candidates it leaves the certificate valid (those left
+    out are still beyond the largest kept)."""
     from infofuse.triton_kernels.knn import knn_candidates
 
     kk = min(k + 1, y.shape[1]) if exclude_self else k
+    screened, cand, bound = knn_candidates(xs, y, kk, metric, False, direct=True if precision is None else None,
+                                           precision=precision or SCREEN_TIERS[0])  # fmt: skip
+    if exclude_self:
+        cand = cand.masked_fill(cand == rows[None, :, None], -1)  # the query itself: no candidate
+    dist, idx = _rerank(xs, y, cand, k, metric)
+    if precision is None:
+        return dist, idx, torch.ones(dist.shape[:2], dtype=torch.bool, device=dist.device)
+    return dist, idx, _certified(dist, screened, bound, k)
 
-    def best(queries, own, cand):
-        if exclude_self:
-            cand = cand.masked_fill(cand == own[None, :, None], -1)  # the query itself: no candidate
-        return _rerank(queries, y, cand, k, metric)
 
-    last_search_tiers["tf32x3"] += rows.numel()
-    screened, cand, bound = knn_candidates(xs, y, kk, metric, False, precision=SCREEN_TIERS[1])
-    dist, idx = best(xs, rows, cand)
-    # The query itself among the candidates leaves the certificate valid: the left-out ones are still beyond it.
-    redo = ~_certified(dist, screened, bound, k)[0]
-    if bool(redo.any()):
-        last_search_tiers["direct"] += int(redo.sum())
-        _, cand, _ = knn_candidates(xs[:, redo], y, kk, metric, False, direct=True)
-        dist[:, redo], idx[:, redo] = best(xs[:, redo], rows[redo], cand)
+def _search_again(xs, y, rows, k, metric, exclude_self, tiers):
+    """The k best of y for the queries xs (1, R, d), the rows ``rows`` of the original x: screened in each precision
+    of ``tiers`` in turn, then by the direct kernel, each query until it is certified."""
+    dist = idx = None
+    todo = torch.arange(rows.numel(), device=rows.device)
+    for precision in (*tiers, None):
+        last_search_tiers[precision or "direct"] += todo.numel()
+        d, i, certified = _gathered(xs[:, todo], y, rows[todo], k, metric, exclude_self, precision)
+        if dist is None:
+            dist, idx = d, i
+        else:
+            dist[:, todo], idx[:, todo] = d, i
+        todo = todo[~certified[0]]
+        if todo.numel() == 0:
+            break
     return dist, idx
 
 
