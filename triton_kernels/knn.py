@@ -175,7 +175,7 @@ def _knn_screen_kernel(
         if ONE_D:
             if PREFETCH:  # this tile was loaded during the last one; the next one loads during this one
                 b = _centre(b_raw.to(tl.float32), mu_ptr + batch * D, ds, D, CENTRE)
-                b_ptrs += BLOCK_C * syn
+                b_ptrs += tl.full((), BLOCK_C, tl.int64) * syn  # 64-bit: the row stride may be large
                 b_raw = tl.load(b_ptrs, mask=(lc < M - c0 - BLOCK_C)[:, None] & (ds < D)[None, :], other=0.0)
             else:
                 b = _centred_rows(y_b, mu_ptr + batch * D, cols, col_mask, ds, D, syn, syd, CENTRE)
@@ -240,7 +240,7 @@ def _centred_rows(v_ptr, mu_ptr, rows, row_mask, ds, D, svn, svd, CENTRE: tl.con
 # above, the kept entries need the registers and one smaller block runs. PREFETCH (one feature block only): the
 # next candidate tile is loaded into registers while this one is screened and merged. Triton does not pipeline a
 # loop with a loop in it (the merge), so without it every tile waits for its own loads; with it, ~40 more
-# registers a thread at 128 × 64 and d = 128, and no more instructions (bench/NOTES.md): the GPU decides. The
+# registers a thread at 128 × 64 and d = 128, and about as many instructions (bench/NOTES.md): the GPU decides. The
 # interpreter uses INTERPRETER_META.
 _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64, "PREFETCH": True}, num_warps=8, num_stages=2),
