@@ -141,6 +141,8 @@ def _npeet_peer(device: str) -> Peer:
 
 
 def _faiss_peer(device: str) -> Peer:
+    if device != "cpu":  # faiss-gpu cannot be carried to the GPU machine (shared/PEERS.md); faiss-cpu is no GPU peer
+        return Peer("faiss", None, skip="CPU only (faiss-gpu is not available on the GPU machine)")
     try:
         import faiss
     except Exception as exc:

@@ -84,6 +84,16 @@ def test_registry_and_cpu_peer_plan():
     assert skipped["cce"] == "GPU only" and skipped["liger"] == "GPU only"
 
 
+def test_knn_gpu_peers_leave_the_cpu_libraries_out():
+    """On a GPU the k-NN benchmark runs infofuse's two backends beside chunked cdist + topk; scikit-learn, NPEET
+    and faiss-cpu would search on the CPU, so they are skipped, not timed as GPU peers."""
+    peers = {p.name: p for p in get_case("knn_entropy").peers("cuda", torch.float32)}
+    assert {"infofuse-triton", "infofuse-cuda", "torch-chunked"} <= set(peers)
+    assert all(peers[name].skip and "CPU only" in peers[name].skip for name in ("sklearn", "npeet", "faiss"))
+    on_cpu = {p.name: p for p in get_case("knn_entropy").peers("cpu", torch.float32)}
+    assert all("CPU only" not in (on_cpu[name].skip or "") for name in ("sklearn", "npeet", "faiss"))
+
+
 def test_a_peer_limited_to_some_models_is_skipped_on_the_others():
     from infofuse.bench.harness import Peer, peers_for_model
 
