@@ -30,9 +30,9 @@ __all__ = [
     "knn_candidates",
     "knn_counts",
     "padded_candidates",
+    "screen_arguments",
     "screen_centre",
     "screen_configs",
-    "screen_arguments",
     "screen_error_bound",
     "screen_feature_blocks",
     "screen_slots",
@@ -246,7 +246,7 @@ _SCREEN_CONFIGS = [
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64, "PREFETCH": True}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 64, "PREFETCH": False}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64, "PREFETCH": False}, num_warps=4, num_stages=2),
-    # fewer registers (≈ 120 at KP = 32 on sm_90): two blocks an SM where 128 × 64 fits one (bench/NOTES.md)
+    # fewer registers (≈ 120 at KP = 32 on sm_90 without PREFETCH): two blocks an SM where 128 × 64 fits one
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32, "PREFETCH": True}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_Q": 128, "BLOCK_C": 32, "PREFETCH": False}, num_warps=8, num_stages=2),
 ]

@@ -108,7 +108,7 @@ def _first_tier(x, y, k, metric, exclude_self) -> str:
     TF32 first costs C₁ + (1 − p)·C₃ for a share p certified by it, 3×TF32 first C₃. C₁/C₃ is about 1/3 where the
     matrix unit bounds both (d = 128: three TF32 dots for one) and about 2/3 where the issue slots do (d = 16: 0.245
     and 0.366 warp-instructions a pair, bench/NOTES.md), so the break-even p lies between, as PROBE_MIN_SHARE does.
-    The probe costs PROBE_QUERIES / N of a TF32 pass."""
+    The probe is PROBE_QUERIES / N of a TF32 pass's work, and takes about one wave of its blocks' time."""
     b, n, _ = x.shape
     screened = metric == 0 and x.dtype != torch.float64  # else knn_candidates searches directly
     if not screened or n < 16 * PROBE_QUERIES or b * n * y.shape[1] < PROBE_MIN_PAIRS:
