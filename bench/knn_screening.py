@@ -132,28 +132,16 @@ def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
         tk.screen_slots = lambda _k: kp
     try:
         used = tk.screen_slots(k)
-        infofuse.knn(x, k=k, impl="triton")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        infofuse.knn(x, k=k, impl="triton")
-        end.record()
-        end.synchronize()
+        search = partial(infofuse.knn, x, k=k, impl="triton")
+        search()  # compiles, autotunes
+        ms = tk.elapsed_ms(search)
     finally:
         tk.screen_slots = chosen
     n = last_search_tiers["queries"]
     again, direct = last_search_tiers["tf32x3"], last_search_tiers["direct"]
     return {"centred": tk.screen_centre(x[None])[0] is not None, "kp": used, "wrong": 0, "tf32": (n - again) / n,
             "tf32x3": (again - direct) / n, "direct": direct / n, "first": last_search_tiers["first"],
-            "ms": start.elapsed_time(end)}  # fmt: skip
-
-
-def _elapsed_ms(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+            "ms": ms}  # fmt: skip
 
 
 def config_label(config) -> str:
@@ -174,7 +162,7 @@ def gpu_configs(x: torch.Tensor, k: int) -> list[dict]:
         for config in [*tk.screen_configs(kp), None]:
             run = partial(tk.knn_candidates, x, x, k, 0, True, precision=precision, config=config)
             run()  # compiles (autotunes)
-            ms = _elapsed_ms(run)
+            ms = tk.elapsed_ms(run)
             if config is None:
                 chosen = getattr(tk._knn_screen_tuned, "best_config", None) if kp <= 32 else tk._SCREEN_LARGE_KP
                 label = f"autotuned: {config_label(chosen) if chosen else '?'}"

@@ -403,19 +403,14 @@ def test_knn_screening_every_config_keeps_the_nearest_candidates():
 def test_screen_autotuner_times_a_long_run_once():
     """time_config, the autotuner's timing: a run past LONG_RUN_MS is timed once after one warm-up run; a short
     one goes to Triton's do_bench (many runs)."""
-    from infofuse.triton_kernels.knn import LONG_RUN_MS, time_config
+    from infofuse.triton_kernels.knn import LONG_RUN_MS, elapsed_ms, time_config
 
     calls = []
 
     def sleep(cycles):
         return lambda: (calls.append(cycles), torch.cuda._sleep(cycles))
 
-    probe = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    probe[0].record()
-    torch.cuda._sleep(10**7)
-    probe[1].record()
-    probe[1].synchronize()
-    long_cycles = int(10**7 * 3 * LONG_RUN_MS / probe[0].elapsed_time(probe[1]))  # about 3 × LONG_RUN_MS
+    long_cycles = int(10**7 * 3 * LONG_RUN_MS / elapsed_ms(lambda: torch.cuda._sleep(10**7)))  # ≈ 3 × LONG_RUN_MS
     got = time_config(sleep(long_cycles), (0.5, 0.2, 0.8))
     assert len(calls) == 2 and len(got) == 3 and min(got) >= LONG_RUN_MS, (calls, got)
     calls.clear()

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "elapsed_ms",
     "knn_candidates",
     "knn_counts",
     "padded_candidates",
@@ -266,6 +267,16 @@ def _prune_screen_configs(configs, named_args, **kwargs):
     return configs if kwargs.get("ONE_D", True) else [c for c in configs if not c.kwargs["PREFETCH"]]
 
 
+def elapsed_ms(fn) -> float:
+    """Milliseconds of one call of fn on the current CUDA stream, by events (waits for it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_config(kernel_call, quantiles):
     """The autotuner's timing of one configuration. Triton's do_bench runs a kernel at least 8 times; a screening
     of 2²⁰ points takes about a second a run, so a run of LONG_RUN_MS or more is timed once after one warm-up run
@@ -273,12 +284,7 @@ def time_config(kernel_call, quantiles):
     import triton.testing
 
     kernel_call()  # compiles, and warms
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    kernel_call()
-    end.record()
-    end.synchronize()
-    ms = start.elapsed_time(end)
+    ms = elapsed_ms(kernel_call)
     if ms >= LONG_RUN_MS:
         return [ms] * len(quantiles)
     return triton.testing.do_bench(kernel_call, quantiles=quantiles)
