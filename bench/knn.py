@@ -12,6 +12,8 @@ ground truth: float64 brute force by chunks.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .harness import Case, Inputs, Peer
@@ -98,18 +100,25 @@ class KnnEntropyCase(Case):
         return peers
 
 
-def _sklearn_peer(device: str) -> Peer:
+def _cpu_library(name: str, module: str, device: str, gpu_note: str = ""):
+    """(module, None) for a CPU peer's library, imported, where the peer can run; else (None, the skipped Peer)."""
     if device != "cpu":
-        return Peer("sklearn", None, skip="CPU only")
+        return None, Peer(name, None, skip=f"CPU only{gpu_note}")
     try:
-        from sklearn.neighbors import NearestNeighbors
+        return importlib.import_module(module), None
     except Exception as exc:
-        return Peer("sklearn", None, skip=f"not installed ({type(exc).__name__})")
+        return None, Peer(name, None, skip=f"not installed ({type(exc).__name__})")
+
+
+def _sklearn_peer(device: str) -> Peer:
+    neighbors, skipped = _cpu_library("sklearn", "sklearn.neighbors", device)
+    if skipped:
+        return skipped
 
     def build():
         def fn(x, k, metric):
             data = x.detach().double().numpy()
-            nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(data)
+            nn = neighbors.NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(data)
             _, ind = nn.kneighbors(data)
             return _estimate(x, _kth_other(torch.from_numpy(ind), k), k, metric)
 
@@ -119,12 +128,9 @@ def _sklearn_peer(device: str) -> Peer:
 
 
 def _npeet_peer(device: str) -> Peer:
-    if device != "cpu":
-        return Peer("npeet", None, skip="CPU only")
-    try:
-        from npeet_plus import estimators
-    except Exception as exc:
-        return Peer("npeet", None, skip=f"not installed ({type(exc).__name__})")
+    estimators, skipped = _cpu_library("npeet", "npeet_plus.estimators", device)
+    if skipped:
+        return skipped
 
     def build():
         def fn(x, k, metric):
@@ -141,12 +147,10 @@ def _npeet_peer(device: str) -> Peer:
 
 
 def _faiss_peer(device: str) -> Peer:
-    if device != "cpu":  # faiss-gpu cannot be carried to the GPU machine (shared/PEERS.md); faiss-cpu is no GPU peer
-        return Peer("faiss", None, skip="CPU only (faiss-gpu is not available on the GPU machine)")
-    try:
-        import faiss
-    except Exception as exc:
-        return Peer("faiss", None, skip=f"not installed ({type(exc).__name__})")
+    # faiss-gpu cannot be carried to the GPU machine (shared/PEERS.md); faiss-cpu there is no GPU peer
+    faiss, skipped = _cpu_library("faiss", "faiss", device, " (faiss-gpu is not available on the GPU machine)")
+    if skipped:
+        return skipped
 
     def build():
         faiss.cvar.distance_compute_blas_threshold = 1
