@@ -487,8 +487,10 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
             ref_dtype = None
             if on_gpu:
                 torch.cuda.empty_cache()
-            say(f"{case.op} {config.model} {_shape_str(case, config.shape)}: the {opts.ref_dtype} reference does not "
-                "fit in memory; no accuracy columns here (try --ref-dtype float32)")  # fmt: skip
+            say(
+                f"{case.op} {config.model} {_shape_str(case, config.shape)}: the {opts.ref_dtype} reference does not "
+                "fit in memory; no accuracy columns here (try --ref-dtype float32)"
+            )
         gc.collect()
     advance()
 

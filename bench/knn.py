@@ -87,8 +87,13 @@ class KnnEntropyCase(Case):
         peers = [Peer("infofuse", lambda: lambda x, k, m: infofuse.knn_entropy(x, k, metric=m), note="impl=None")]
         if device.startswith("cuda"):
             for impl in ("triton", "cuda"):
-                peers.append(Peer(f"infofuse-{impl}", lambda impl=impl: lambda x, k, m: infofuse.knn_entropy(
-                    x, k, metric=m, impl=impl), note=f"impl={impl!r}"))  # fmt: skip
+                peers.append(
+                    Peer(
+                        f"infofuse-{impl}",
+                        lambda impl=impl: lambda x, k, m: infofuse.knn_entropy(x, k, metric=m, impl=impl),
+                        note=f"impl={impl!r}",
+                    )
+                )
 
         def chunked():
             return lambda x, k, m: _estimate(x, _chunked_search(x.detach(), k, m), k, m)
@@ -142,8 +147,13 @@ def _npeet_peer(device: str) -> Peer:
 
         return fn
 
-    return Peer("npeet", build, models=("chebyshev",), note="npeet-plus: add_noise + build_tree + query (its "
-                "entropy()'s search; NPEET's estimators use the max-norm only)")  # fmt: skip
+    return Peer(
+        "npeet",
+        build,
+        models=("chebyshev",),
+        note="npeet-plus: add_noise + build_tree + query (its "
+        "entropy()'s search; NPEET's estimators use the max-norm only)",
+    )
 
 
 def _faiss_peer(device: str) -> Peer:

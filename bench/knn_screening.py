@@ -80,8 +80,9 @@ def _tier(x, q_rows, k, kp, mu, nx, precision, exclude_self):
     return dist, _certified(dist, screened, bound, k)
 
 
-def tier_fractions(x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: int = 128,
-                   kp: int | None = None) -> dict:  # fmt: skip
+def tier_fractions(
+    x: torch.Tensor, k: int, queries: int, seed: int = 0, chunk: int = 128, kp: int | None = None
+) -> dict:
     """Fractions of sampled queries certified by TF32, by 3×TF32, and left to the direct kernel (x against itself),
     and how many certified queries differ from float64 brute force (``wrong``: must be 0). ``kp``: the candidates
     kept per query in both tiers instead of the package's (``screen_slots``), to weigh other margins. ``first``:
@@ -139,9 +140,16 @@ def gpu_tiers(x: torch.Tensor, k: int, kp: int | None = None) -> dict:
         tk.screen_slots = chosen
     n = last_search_tiers["queries"]
     again, direct = last_search_tiers["tf32x3"], last_search_tiers["direct"]
-    return {"centred": tk.screen_centre(x[None])[0] is not None, "kp": used, "wrong": 0, "tf32": (n - again) / n,
-            "tf32x3": (again - direct) / n, "direct": direct / n, "first": last_search_tiers["first"],
-            "ms": ms}  # fmt: skip
+    return {
+        "centred": tk.screen_centre(x[None])[0] is not None,
+        "kp": used,
+        "wrong": 0,
+        "tf32": (n - again) / n,
+        "tf32x3": (again - direct) / n,
+        "direct": direct / n,
+        "first": last_search_tiers["first"],
+        "ms": ms,
+    }
 
 
 def config_label(config) -> str:
@@ -181,10 +189,17 @@ def main(argv=None) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--shapes", default="1048576,128,10;1048576,16,3", help="N,d,k;…")
     p.add_argument("--gpu", action="store_true", help="run the real search on the GPU instead of the model")
-    p.add_argument("--kp", default="", help="keep these candidates per query (comma-separated, each above k + 1) "
-                   "instead of the package's choice, in the model or, with --gpu, in the real search")  # fmt: skip
-    p.add_argument("--configs", action="store_true", help="with --gpu: time the screening kernel in each of its "
-                   "configurations instead")  # fmt: skip
+    p.add_argument(
+        "--kp",
+        default="",
+        help="keep these candidates per query (comma-separated, each above k + 1) "
+        "instead of the package's choice, in the model or, with --gpu, in the real search",
+    )
+    p.add_argument(
+        "--configs",
+        action="store_true",
+        help="with --gpu: time the screening kernel in each of its configurations instead",
+    )
     args = p.parse_args(argv)
     if args.configs:
         _print_configs(args)
@@ -192,8 +207,7 @@ def main(argv=None) -> None:
     kps = [int(v) for v in args.kp.split(",") if v] or [None]
     what = "the Triton search on " + torch.cuda.get_device_name() if args.gpu else f"CPU model, {args.queries} queries"
     table = Table(title=f"Triton k-NN screening tiers ({what}, x against itself)")
-    cols = ["data", "N", "d", "k", "KP", "centred", "first tier", "TF32 certifies", "3×TF32 certifies",
-            "direct kernel"]  # fmt: skip
+    cols = ["data", "N", "d", "k", "KP", "centred", "first tier", "TF32 certifies", "3×TF32 certifies", "direct kernel"]
     for col in [*cols, "search ms" if args.gpu else "s"]:
         table.add_column(col, justify="left" if col == "data" else "right")
     console = Console(width=150)
@@ -222,8 +236,10 @@ def _print_configs(args) -> None:
 
     if not args.gpu:
         raise SystemExit("--configs times the GPU kernel: it needs --gpu")
-    table = Table(title=f"Triton k-NN screening by kernel configuration ({torch.cuda.get_device_name()}, x against "
-                  "itself, all queries)")  # fmt: skip
+    table = Table(
+        title=f"Triton k-NN screening by kernel configuration ({torch.cuda.get_device_name()}, x against "
+        "itself, all queries)"
+    )
     for col in ("data", "N", "d", "k", "precision", "configuration", "ms"):
         table.add_column(col, justify="left" if col in ("data", "configuration") else "right")
     console = Console(width=150)

@@ -111,8 +111,9 @@ def compile_kernel(fn, args: dict, *, arch: int = 90, num_warps: int = 4, num_st
         fn = fn.fn
     signature, constexprs, attrs = _specialise(fn, args)
     source = ASTSource(fn, signature, constexprs, attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    kernel = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return _read_cubin(fn.__name__, arch, num_warps, kernel)
 
 
@@ -121,8 +122,9 @@ def _read_cubin(name: str, arch: int, num_warps: int, kernel) -> Compiled:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
 
     def field_of(key):
@@ -130,8 +132,18 @@ def _read_cubin(name: str, arch: int, num_warps: int, kernel) -> Compiled:
         return int(m.group(1)) if m else 0
 
     ops, loops = sass_loops(sass)
-    return Compiled(name, arch, num_warps, field_of("REG"), field_of("LOCAL"), field_of("SHARED"),
-                    int(kernel.metadata.shared), len(ops), loops, sass)  # fmt: skip
+    return Compiled(
+        name,
+        arch,
+        num_warps,
+        field_of("REG"),
+        field_of("LOCAL"),
+        field_of("SHARED"),
+        int(kernel.metadata.shared),
+        len(ops),
+        loops,
+        sass,
+    )
 
 
 def sass_loops(sass: str) -> tuple[list[str], list[Loop]]:
@@ -217,21 +229,41 @@ def knn_cases(n: int, d: int, k: int) -> list[Case]:
                 mu = torch.empty(1, d) if centre else None
                 args = dict(K.screen_arguments(x, x, mu, norms, hy, out_d, out_i, True, precision), **config.kwargs)
                 bq, bc = config.kwargs["BLOCK_Q"], config.kwargs["BLOCK_C"]
-                label = (f"screen {precision}{' centred' if centre else ''} {bq}x{bc}"
-                         f"{' prefetch' if config.kwargs['PREFETCH'] else ''}")  # fmt: skip
-                cases.append(Case(label, K._knn_screen_kernel, args, config.num_warps, config.num_stages, bq * bc,
-                                  True))  # fmt: skip
+                label = (
+                    f"screen {precision}{' centred' if centre else ''} {bq}x{bc}"
+                    f"{' prefetch' if config.kwargs['PREFETCH'] else ''}"
+                )
+                cases.append(
+                    Case(label, K._knn_screen_kernel, args, config.num_warps, config.num_stages, bq * bc, True)
+                )
     meta = {key: v for key, v in K.DIRECT_GPU_META.items() if key != "num_warps"}
     warps, pairs = K.DIRECT_GPU_META["num_warps"], meta["BLOCK_Q"] * meta["BLOCK_C"]
     kpd = triton.next_power_of_2(k)
     for label, x, metric in (("direct", f32, 0), ("direct max-norm", f32, 1), ("direct float64", f64, 0)):
-        args = dict(pair, x_ptr=x, y_ptr=x, out_d_ptr=torch.empty(n, kpd, dtype=x.dtype),
-                    out_i_ptr=torch.empty(n, kpd, dtype=torch.int64), K=k, KP=kpd, METRIC=metric,
-                    ACC=K._acc(x.dtype), **meta)  # fmt: skip
+        args = dict(
+            pair,
+            x_ptr=x,
+            y_ptr=x,
+            out_d_ptr=torch.empty(n, kpd, dtype=x.dtype),
+            out_i_ptr=torch.empty(n, kpd, dtype=torch.int64),
+            K=k,
+            KP=kpd,
+            METRIC=metric,
+            ACC=K._acc(x.dtype),
+            **meta,
+        )
         cases.append(Case(label, K._knn_direct_kernel, args, warps, 1, pairs, False))
     for label, x, metric in (("counts max-norm", f32, 1), ("counts float64", f64, 0)):
-        args = dict(strides, x_ptr=x, r_ptr=torch.empty(n, dtype=x.dtype), out_ptr=torch.empty(n, dtype=torch.int64),
-                    METRIC=metric, STRICT=True, ACC=K._acc(x.dtype), **meta)  # fmt: skip
+        args = dict(
+            strides,
+            x_ptr=x,
+            r_ptr=torch.empty(n, dtype=x.dtype),
+            out_ptr=torch.empty(n, dtype=torch.int64),
+            METRIC=metric,
+            STRICT=True,
+            ACC=K._acc(x.dtype),
+            **meta,
+        )
         cases.append(Case(label, K._knn_count_kernel, args, warps, 1, pairs, False))
     return cases
 
@@ -284,8 +316,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="90", help="compute capabilities ×10, comma-separated (80: A100, 90: H100)")
     p.add_argument("--shapes", default="1048576,128,10;1048576,16,3", help="N,d,k;… (default: the benchmark's)")
-    p.add_argument("--check", action="store_true", help="only compile and check (no spills, the matrix unit in "
-                   "the screening kernel); exit 1 on a problem")  # fmt: skip
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only compile and check (no spills, the matrix unit in the screening kernel); exit 1 on a problem",
+    )
     args = p.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     shapes = [tuple(int(v) for v in spec.split(",")) for spec in args.shapes.split(";")]
@@ -311,9 +346,17 @@ def main(argv=None) -> None:
 
 def _table(arch: int, n: int, d: int, k: int, Table):
     table = Table(title=f"k-NN kernels on sm_{arch}, N = {n}, d = {d}, k = {k}, x against itself")
-    for col in ("kernel", "warps", "regs", "spill B", "shared B", "tile loop: instr (shortest way)",
-                "warp-instr / pair (shortest)", "nested loops: warp-instr an iteration",
-                "with merge rounds: warp-instr / pair"):  # fmt: skip
+    for col in (
+        "kernel",
+        "warps",
+        "regs",
+        "spill B",
+        "shared B",
+        "tile loop: instr (shortest way)",
+        "warp-instr / pair (shortest)",
+        "nested loops: warp-instr an iteration",
+        "with merge rounds: warp-instr / pair",
+    ):
         table.add_column(col)
     rounds = {}
     for case in knn_cases(n, d, k):
@@ -326,9 +369,17 @@ def _table(arch: int, n: int, d: int, k: int, Table):
             if shape not in rounds:
                 rounds[shape] = merge_rounds(n, d, *shape)
             merged = f"{(tile.shortest + rounds[shape] * nested[0].own) * w / pairs:.3f} ({rounds[shape]:.3f} rounds)"
-        table.add_row(case.label, str(w), str(c.registers), str(c.spill_bytes), str(c.dynamic_shared),
-                      f"{tile.own} ({tile.shortest})", f"{tile.own * w / pairs:.3f} ({tile.shortest * w / pairs:.3f})",
-                      ", ".join(str(lp.own * w) for lp in nested), merged)  # fmt: skip
+        table.add_row(
+            case.label,
+            str(w),
+            str(c.registers),
+            str(c.spill_bytes),
+            str(c.dynamic_shared),
+            f"{tile.own} ({tile.shortest})",
+            f"{tile.own * w / pairs:.3f} ({tile.shortest * w / pairs:.3f})",
+            ", ".join(str(lp.own * w) for lp in nested),
+            merged,
+        )
     return table
 
 

@@ -108,7 +108,7 @@ def test_bf16_head_memory_targets(model):
     """bf16 at a scaled-down large head: chunked holds one chunk (no float32 V×D accumulator above the budget),
     fused at most its 32 MiB workspace plus O(N + V) floats, both with gradients graded against PyTorch."""
     from infofuse.bench.linear_cross_entropy import make_inputs
-    from infofuse.triton_kernels.lce_fused import WORKSPACE_BYTES
+    from infofuse.triton_kernels.linear_cross_entropy_fused import WORKSPACE_BYTES
 
     n, d, v = 4096, 2304, 65536
     x, w, t = make_inputs((n, d, v), model, torch.bfloat16, "cuda", seed=3)
@@ -160,8 +160,12 @@ def test_clip_loss_large_graded_and_small(impl, dtype):
 
     ours = run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale)
     same = run(lambda a, b, s: info_nce_reference(a, b, scale=s, symmetric=True), img, txt, scale)
-    truth = run(lambda a, b, s: info_nce_reference(a, b, scale=s, symmetric=True, compute_dtype=torch.float64),
-                img.double(), txt.double(), scale.double())  # fmt: skip
+    truth = run(
+        lambda a, b, s: info_nce_reference(a, b, scale=s, symmetric=True, compute_dtype=torch.float64),
+        img.double(),
+        txt.double(),
+        scale.double(),
+    )
     for name, a, b, c in zip(("loss", "dq", "dk", "dscale"), ours, same, truth, strict=True):
         assert_graded(a, b, c, name=f"{impl} {name} ({dtype})", factor=1.5, floor=1e-6)
     extra, _ = _extra_bytes(lambda: run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale))
@@ -294,10 +298,13 @@ def test_info_nce_every_case_odd_shape(impl, case, reduction):
     q, k, kw = _case(case, seed=2)
     q, k = _cuda(q, k)
     kw = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
-    compare(impl, lambda q, k, s: info_nce(q, k, scale=s, reduction=reduction, impl=impl, **kw),
-            lambda q, k, s: info_nce_reference(q, k, scale=s, reduction=reduction, **kw),
-            [q, k, torch.tensor(4.5, dtype=torch.float64, device="cuda")],
-            low_precision=(torch.bfloat16, torch.float16) if q.shape[0] > 1 else None)  # fmt: skip
+    compare(
+        impl,
+        lambda q, k, s: info_nce(q, k, scale=s, reduction=reduction, impl=impl, **kw),
+        lambda q, k, s: info_nce_reference(q, k, scale=s, reduction=reduction, **kw),
+        [q, k, torch.tensor(4.5, dtype=torch.float64, device="cuda")],
+        low_precision=(torch.bfloat16, torch.float16) if q.shape[0] > 1 else None,
+    )
 
 
 @pytest.mark.parametrize("impl", GPU_IMPLS)
@@ -307,16 +314,25 @@ def test_siglip_supcon_noncontiguous_odd_shape(impl):
     from tests.test_info_nce import compare, embeddings
 
     q, k = _cuda(*embeddings(67, 131, 37, seed=10, noncontig=True))
-    s, bias = torch.tensor(7.0, dtype=torch.float64, device="cuda"), torch.tensor(-3.0, dtype=torch.float64,
-                                                                                   device="cuda")  # fmt: skip
-    compare(impl, lambda q, k, s, b: siglip_loss(q, k, s, b, impl=impl),
-            lambda q, k, s, b: siglip_reference(q, k, scale=s, bias=b), [q, k, s, bias],
-            low_precision=(torch.bfloat16,))  # fmt: skip
+    s, bias = (
+        torch.tensor(7.0, dtype=torch.float64, device="cuda"),
+        torch.tensor(-3.0, dtype=torch.float64, device="cuda"),
+    )
+    compare(
+        impl,
+        lambda q, k, s, b: siglip_loss(q, k, s, b, impl=impl),
+        lambda q, k, s, b: siglip_reference(q, k, scale=s, bias=b),
+        [q, k, s, bias],
+        low_precision=(torch.bfloat16,),
+    )
     f, _ = _cuda(*embeddings(67, 67, 37, seed=11))
     labels = torch.randint(0, 9, (67,), generator=torch.Generator().manual_seed(12)).cuda()
-    compare(impl, lambda f, s: supcon_loss(f, labels, 1 / s, impl=impl),
-            lambda f, s: info_nce_reference(f, f, scale=s, labels=labels, supcon=True),
-            [f, torch.tensor(1 / 0.3, dtype=torch.float64, device="cuda")])  # fmt: skip
+    compare(
+        impl,
+        lambda f, s: supcon_loss(f, labels, 1 / s, impl=impl),
+        lambda f, s: info_nce_reference(f, f, scale=s, labels=labels, supcon=True),
+        [f, torch.tensor(1 / 0.3, dtype=torch.float64, device="cuda")],
+    )
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "chebyshev", "cosine"])
@@ -353,8 +369,13 @@ def test_knn_duplicates_and_estimators_equal_the_reference():
         assert idx[0].tolist() == [300, 600] and dist[0].tolist() == [0.0, 0.0], impl
         for metric in ("euclidean", "chebyshev"):
             got = knn_entropy(z, k=3, metric=metric, impl=impl)
-            assert_close(got, knn_entropy(z, k=3, metric=metric, impl="reference"), rtol=1e-12, atol=0,
-                         name=f"{impl} entropy {metric}")  # fmt: skip
+            assert_close(
+                got,
+                knn_entropy(z, k=3, metric=metric, impl="reference"),
+                rtol=1e-12,
+                atol=0,
+                name=f"{impl} entropy {metric}",
+            )
         for variant in (1, 2):
             got = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl=impl)
             want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl="reference")

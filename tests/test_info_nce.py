@@ -18,10 +18,14 @@ from tests.utils import assert_close, assert_graded, rel_err
 IMPLS = ["cpu", "chunked", "fused"]  # the Triton strategies run under TRITON_INTERPRET=1 here (tests/conftest.py)
 OPS = {
     "cpu": ("info_nce_forward", "info_nce_backward", "siglip_forward", "siglip_backward"),
-    "chunked": ("info_nce_chunked_forward", "info_nce_chunked_backward", "siglip_chunked_forward",
-                "siglip_chunked_backward"),
+    "chunked": (
+        "info_nce_chunked_forward",
+        "info_nce_chunked_backward",
+        "siglip_chunked_forward",
+        "siglip_chunked_backward",
+    ),
     "fused": ("info_nce_fused_forward", "info_nce_fused_backward", "siglip_fused_forward", "siglip_fused_backward"),
-}  # fmt: skip
+}
 
 
 def _needs(impl):
@@ -66,8 +70,10 @@ def compare(impl, fn_ours, fn_ref, tensors, *, low_precision=None):
             assert_close(a, b, rtol=1e-9, atol=1e-12 * max(1.0, b.abs().max().item()), name=f"output {i}")
         return
     for dtype in (torch.float32, *(low_precision or ())):
-        cast = [t.to(dtype) if t.is_floating_point() and t.dim() == 2 else t.float() if t.is_floating_point() else t
-                for t in tensors]  # fmt: skip
+        cast = [
+            t.to(dtype) if t.is_floating_point() and t.dim() == 2 else t.float() if t.is_floating_point() else t
+            for t in tensors
+        ]
         ours = grads(fn_ours, cast)
         same = grads(fn_ref, cast)
         truth = grads(fn_ref, [t.to(dtype).double() if t.is_floating_point() and t.dim() == 2 else t for t in tensors])
@@ -90,8 +96,13 @@ def test_reference_is_clip_and_cross_entropy():
     t = torch.randint(0, 14, (9,), generator=torch.Generator().manual_seed(2))
     q2, k2 = embeddings(9, 14, 5, seed=3)
     want = F.cross_entropy(2.0 * q2 @ k2.T, t, reduction="none")
-    assert_close(info_nce_reference(q2, k2, scale=2.0, target=t, reduction="none"), want, rtol=1e-12, atol=0,
-                 name="extra negatives")  # fmt: skip
+    assert_close(
+        info_nce_reference(q2, k2, scale=2.0, target=t, reduction="none"),
+        want,
+        rtol=1e-12,
+        atol=0,
+        name="extra negatives",
+    )
 
 
 def test_reference_supcon_matches_its_docstring_formula():
@@ -164,7 +175,7 @@ def test_info_nce_matches_reference(impl, case, reduction):
         return info_nce(q, k, scale=s, reduction=reduction, impl=impl, **kw)
 
     def ref(q, k, s):
-        return info_nce_reference(q, k, scale=s, reduction=reduction, **kw)  # fmt: skip
+        return info_nce_reference(q, k, scale=s, reduction=reduction, **kw)
 
     compare(impl, ours, ref, [q, k, scale])
 
@@ -179,7 +190,7 @@ def test_info_nce_low_precision_graded(impl, case):
         return info_nce(q, k, scale=s, impl=impl, **kw)
 
     def ref(q, k, s):
-        return info_nce_reference(q, k, scale=s, **kw)  # fmt: skip
+        return info_nce_reference(q, k, scale=s, **kw)
 
     if impl == "cpu":  # the cpu backend's float64 check is the test above; here its bf16/fp16
         for dtype in (torch.bfloat16, torch.float16):
@@ -189,8 +200,9 @@ def test_info_nce_low_precision_graded(impl, case):
                 assert a.dtype == b.dtype
                 assert_graded(a, b, c, name=f"output {i} ({dtype})", factor=2.0, floor=1e-4)
         return
-    compare(impl, ours, ref, [q, k, torch.tensor(4.5, dtype=torch.float64)],
-            low_precision=(torch.bfloat16, torch.float16))  # fmt: skip
+    compare(
+        impl, ours, ref, [q, k, torch.tensor(4.5, dtype=torch.float64)], low_precision=(torch.bfloat16, torch.float16)
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -198,9 +210,12 @@ def test_info_nce_noncontiguous_inputs(impl):
     _needs(impl)
     q, k, kw = _case("labels_symmetric", noncontig=True, seed=5)
     assert not q.is_contiguous() and not k.is_contiguous()
-    compare(impl, lambda q, k, s: info_nce(q, k, scale=s, impl=impl, **kw),
-            lambda q, k, s: info_nce_reference(q, k, scale=s, **kw),
-            [q, k, torch.tensor(2.0, dtype=torch.float64)])  # fmt: skip
+    compare(
+        impl,
+        lambda q, k, s: info_nce(q, k, scale=s, impl=impl, **kw),
+        lambda q, k, s: info_nce_reference(q, k, scale=s, **kw),
+        [q, k, torch.tensor(2.0, dtype=torch.float64)],
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,10 +228,15 @@ def test_supcon_matches_reference_with_rows_lacking_a_positive(impl, reduction):
     temperature = torch.tensor(0.25, dtype=torch.float64)
 
     def ref(f, t):
-        return info_nce_reference(f, f, scale=1 / t, labels=labels, supcon=True, reduction=reduction)  # fmt: skip
+        return info_nce_reference(f, f, scale=1 / t, labels=labels, supcon=True, reduction=reduction)
 
-    compare(impl, lambda f, t: supcon_loss(f, labels, t, reduction=reduction, impl=impl), ref, [f, temperature],
-            low_precision=(torch.bfloat16,))  # fmt: skip
+    compare(
+        impl,
+        lambda f, t: supcon_loss(f, labels, t, reduction=reduction, impl=impl),
+        ref,
+        [f, temperature],
+        low_precision=(torch.bfloat16,),
+    )
     if reduction == "none":
         x = f if impl == "cpu" else f.float()
         got = supcon_loss(x, labels, temperature.to(x.dtype), reduction="none", impl=impl)
@@ -254,10 +274,15 @@ def test_siglip_matches_reference(impl, reduction, shape):
     bias = torch.tensor(-3.0, dtype=torch.float64)
 
     def ref(q, k, s, b):
-        return siglip_reference(q, k, scale=s, bias=b, reduction=reduction)  # fmt: skip
+        return siglip_reference(q, k, scale=s, bias=b, reduction=reduction)
 
-    compare(impl, lambda q, k, s, b: siglip_loss(q, k, s, b, reduction=reduction, impl=impl), ref,
-            [q, k, scale, bias], low_precision=(torch.bfloat16,) if shape[0] > 1 else None)  # fmt: skip
+    compare(
+        impl,
+        lambda q, k, s, b: siglip_loss(q, k, s, b, reduction=reduction, impl=impl),
+        ref,
+        [q, k, scale, bias],
+        low_precision=(torch.bfloat16,) if shape[0] > 1 else None,
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -265,11 +290,19 @@ def test_nt_xent_and_clip_wrappers(impl):
     _needs(impl)
     z1, z2 = embeddings(33, 33, 19, seed=11)
     t = torch.tensor(0.3, dtype=torch.float64)
-    compare(impl, lambda a, b, t: nt_xent(a, b, t, impl=impl), lambda a, b, t: nt_xent(a, b, t, impl="reference"),
-            [z1, z2, t])  # fmt: skip
+    compare(
+        impl,
+        lambda a, b, t: nt_xent(a, b, t, impl=impl),
+        lambda a, b, t: nt_xent(a, b, t, impl="reference"),
+        [z1, z2, t],
+    )
     s = torch.tensor(10.0, dtype=torch.float64)
-    compare(impl, lambda a, b, s: clip_loss(a, b, s, impl=impl), lambda a, b, s: clip_loss(a, b, s, impl="reference"),
-            [z1, z2, s])  # fmt: skip
+    compare(
+        impl,
+        lambda a, b, s: clip_loss(a, b, s, impl=impl),
+        lambda a, b, s: clip_loss(a, b, s, impl="reference"),
+        [z1, z2, s],
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -296,8 +329,10 @@ def test_chunked_multiple_chunks(monkeypatch):
     for a, b in zip(parts, whole, strict=True):
         assert_close(a, b, rtol=1e-6, atol=1e-7, name="chunked")
     parts16 = grads(lambda q, k, s: info_nce(q, k, scale=s, impl="chunked", **kw), [q.half(), k.half(), s])
-    truth = grads(lambda q, k, s: info_nce_reference(q, k, scale=s, compute_dtype=torch.float64, **kw),
-                  [q.double(), k.double(), s.double()])  # fmt: skip
+    truth = grads(
+        lambda q, k, s: info_nce_reference(q, k, scale=s, compute_dtype=torch.float64, **kw),
+        [q.double(), k.double(), s.double()],
+    )
     same = grads(lambda q, k, s: info_nce_reference(q, k, scale=s, **kw), [q.half(), k.half(), s])
     for i, (a, b, c) in enumerate(zip(parts16, same, truth, strict=True)):
         assert_graded(a, b, c, name=f"fp16 output {i}", factor=2.0, floor=1e-4)
@@ -316,8 +351,10 @@ def test_fused_deterministic_mode_is_reproducible(deterministic):
     s = torch.tensor(3.0)
     first = grads(lambda q, k, s: info_nce(q, k, scale=s, impl="fused", **kw), [q, k, s])
     again = grads(lambda q, k, s: info_nce(q, k, scale=s, impl="fused", **kw), [q, k, s])
-    truth = grads(lambda q, k, s: info_nce_reference(q, k, scale=s, compute_dtype=torch.float64, **kw),
-                  [q.double(), k.double(), s.double()])  # fmt: skip
+    truth = grads(
+        lambda q, k, s: info_nce_reference(q, k, scale=s, compute_dtype=torch.float64, **kw),
+        [q.double(), k.double(), s.double()],
+    )
     for i, (a, b, c) in enumerate(zip(first, again, truth, strict=True)):
         assert torch.equal(a, b), f"output {i} differs between two deterministic runs"
         assert rel_err(a, c) < 1e-5, f"output {i}"
@@ -361,8 +398,18 @@ def test_opcheck_info_nce(impl, variant):
     torch.library.opcheck(fwd, (q, k, scale, *args[3:]))
     row_loss, row_lse, col_loss, col_lse = fwd(*args)
     grad_col = torch.rand_like(col_loss) if variant == "symmetric" else None
-    bargs = (torch.rand_like(row_loss), grad_col, *args[:7], row_lse, col_lse if variant == "symmetric" else None,
-             args[7], args[8], True, True, True)  # fmt: skip
+    bargs = (
+        torch.rand_like(row_loss),
+        grad_col,
+        *args[:7],
+        row_lse,
+        col_lse if variant == "symmetric" else None,
+        args[7],
+        args[8],
+        True,
+        True,
+        True,
+    )
     torch.library.opcheck(bwd, bargs)
 
 
@@ -374,8 +421,9 @@ def test_opcheck_siglip(impl):
     s, b = torch.tensor(3.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
     torch.library.opcheck(fwd, (q.requires_grad_(), k.requires_grad_(), s, b))
     row = fwd(q, k, s, b)
-    torch.library.opcheck(bwd, (torch.rand_like(row), q.detach(), k.detach(), s.detach(), b.detach(), True, False,
-                                True, True))  # fmt: skip
+    torch.library.opcheck(
+        bwd, (torch.rand_like(row), q.detach(), k.detach(), s.detach(), b.detach(), True, False, True, True)
+    )
 
 
 def test_triton_ops_share_the_cpp_schemas():
@@ -394,8 +442,11 @@ def test_torch_compile_fullgraph(impl):
     labels = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(19))
 
     def step(q, k, s, b):
-        return (clip_loss(q, k, s, impl=impl) + supcon_loss(q, labels, 1 / s, impl=impl)
-                + siglip_loss(q, k, s, b, impl=impl))  # fmt: skip
+        return (
+            clip_loss(q, k, s, impl=impl)
+            + supcon_loss(q, labels, 1 / s, impl=impl)
+            + siglip_loss(q, k, s, b, impl=impl)
+        )
 
     leaves = [t.clone().requires_grad_() for t in (q, k, torch.tensor(2.0), torch.tensor(-1.0))]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -414,8 +465,13 @@ def test_modules_store_keywords_and_match_functions():
     labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(20))
     s = torch.tensor(5.0)
     assert_close(infofuse.ClipLoss()(q, k, s), clip_loss(q, k, s), rtol=0, atol=0, name="ClipLoss")
-    assert_close(infofuse.SigLipLoss(reduction="sum")(q, k, s, -2.0), siglip_loss(q, k, s, -2.0, reduction="sum"),
-                 rtol=0, atol=0, name="SigLipLoss")  # fmt: skip
+    assert_close(
+        infofuse.SigLipLoss(reduction="sum")(q, k, s, -2.0),
+        siglip_loss(q, k, s, -2.0, reduction="sum"),
+        rtol=0,
+        atol=0,
+        name="SigLipLoss",
+    )
     assert_close(infofuse.NTXentLoss(0.2)(q, k), nt_xent(q, k, 0.2), rtol=0, atol=0, name="NTXentLoss")
     assert_close(infofuse.SupConLoss(0.1)(q, labels), supcon_loss(q, labels, 0.1), rtol=0, atol=0, name="SupCon")
     mod = infofuse.InfoNCELoss(symmetric=True, reduction="none")
@@ -464,22 +520,34 @@ def test_bad_input_is_reported_before_any_kernel():
     _bad(lambda: info_nce(q, sq, scale=1.0), ValueError, r"key must be \(M, D\) with D = .* = 4")
     _bad(lambda: info_nce(q[0], k, scale=1.0), ValueError, r"query must be 2-D")
     _bad(lambda: info_nce(q, k[None], scale=1.0), ValueError, r"key must be 2-D")
-    _bad(lambda: info_nce(q, k, scale=1.0, target=torch.tensor([0, 1, 2, 3, 4, 8])), ValueError,
-         r"target\[5\] = 8 is outside \[0, M\) with M = 8")  # fmt: skip
+    _bad(
+        lambda: info_nce(q, k, scale=1.0, target=torch.tensor([0, 1, 2, 3, 4, 8])),
+        ValueError,
+        r"target\[5\] = 8 is outside \[0, M\) with M = 8",
+    )
     _bad(lambda: info_nce(q, k, scale=1.0, symmetric=True), ValueError, r"symmetric=True needs .*M == N")
-    _bad(lambda: info_nce(q, q, scale=1.0, symmetric=True, target=torch.tensor([0, 0, 1, 2, 3, 4])), ValueError,
-         "permutation")  # fmt: skip
+    _bad(
+        lambda: info_nce(q, q, scale=1.0, symmetric=True, target=torch.tensor([0, 0, 1, 2, 3, 4])),
+        ValueError,
+        "permutation",
+    )
     _bad(lambda: info_nce(q, k, scale=1.0, exclude_self=True), ValueError, r"exclude_self=True needs .*M == N")
     _bad(lambda: info_nce(q, q, scale=1.0, exclude_self=True), ValueError, r"target\[0\] = 0")
-    _bad(lambda: info_nce(q, k, scale=1.0, labels=torch.zeros(5, dtype=torch.long)), ValueError,
-         r"labels must have shape \(N,\) = \(6,\)")  # fmt: skip
+    _bad(
+        lambda: info_nce(q, k, scale=1.0, labels=torch.zeros(5, dtype=torch.long)),
+        ValueError,
+        r"labels must have shape \(N,\) = \(6,\)",
+    )
     _bad(lambda: info_nce(q, k, scale=1.0, labels=torch.zeros(6, dtype=torch.long)), ValueError, "need key_labels")
     _bad(lambda: info_nce(q, k, scale=1.0, labels=torch.zeros(6)), TypeError, "labels must hold integers")
     _bad(lambda: info_nce(q, k, scale=0.0), ValueError, "scale must be > 0")
     _bad(lambda: info_nce(q, k, scale=torch.tensor([1.0, 2.0])), ValueError, "one-element")
     _bad(lambda: nt_xent(q, q, -0.5), ValueError, "temperature must be > 0")
-    _bad(lambda: supcon_loss(q, torch.zeros(6, dtype=torch.long), torch.tensor(0.0)), ValueError,
-         "temperature must be > 0")  # fmt: skip
+    _bad(
+        lambda: supcon_loss(q, torch.zeros(6, dtype=torch.long), torch.tensor(0.0)),
+        ValueError,
+        "temperature must be > 0",
+    )
     _bad(lambda: info_nce(q, k.double(), scale=1.0), TypeError, "key must have query's dtype")
     _bad(lambda: info_nce(q.int(), k.int(), scale=1.0), TypeError, "query must be float32")
     _bad(lambda: info_nce(q, k.to("meta"), scale=1.0), ValueError, "key must be on query's device")

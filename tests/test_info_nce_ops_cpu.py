@@ -45,8 +45,23 @@ def _derangement(n, gen):
 class NceCase:
     """One InfoNCE configuration: inputs and the op's integer arguments."""
 
-    def __init__(self, n, m, d, *, mode=0, labels=False, exclude_self=False, want_cols=False, scale=1.3,
-                 seed=0, dtype=torch.float64, noncontig=False, same=False, classes=5):  # fmt: skip
+    def __init__(
+        self,
+        n,
+        m,
+        d,
+        *,
+        mode=0,
+        labels=False,
+        exclude_self=False,
+        want_cols=False,
+        scale=1.3,
+        seed=0,
+        dtype=torch.float64,
+        noncontig=False,
+        same=False,
+        classes=5,
+    ):
         gen = _gen(seed)
         self.q, self.k = _pair(n, m, d, gen, dtype, noncontig, same)
         self.scale = torch.tensor(scale, dtype=torch.float32)
@@ -78,12 +93,31 @@ class NceCase:
         q = self.q if q is None else q
         k = self.k if k is None else k
         gc = self.grad_col if grad_col else None
-        return ops.info_nce_backward(self.grad_row, gc, q, k, self.scale, *self.int_args(), row_lse,
-                                     col_lse if grad_col else None, self.mode, self.exclude_self, *flags)  # fmt: skip
+        return ops.info_nce_backward(
+            self.grad_row,
+            gc,
+            q,
+            k,
+            self.scale,
+            *self.int_args(),
+            row_lse,
+            col_lse if grad_col else None,
+            self.mode,
+            self.exclude_self,
+            *flags,
+        )
 
     def reference(self, q, k, scale, compute_dtype):
-        return info_nce_rows_reference(q, k, scale, *self.int_args(), mode=self.mode, exclude_self=self.exclude_self,
-                                       want_cols=self.want_cols, compute_dtype=compute_dtype)  # fmt: skip
+        return info_nce_rows_reference(
+            q,
+            k,
+            scale,
+            *self.int_args(),
+            mode=self.mode,
+            exclude_self=self.exclude_self,
+            want_cols=self.want_cols,
+            compute_dtype=compute_dtype,
+        )
 
     def reference_grads(self, dtype=torch.float64, compute_dtype=torch.float64, grad_col=True):
         """(row_loss, row_lse, col_loss, col_lse) and autograd's (d query, d key, d scale) of
@@ -288,8 +322,11 @@ def test_info_nce_errors():
 def test_info_nce_opcheck_schema():
     case = NceCase(9, 9, 5, want_cols=True, labels=True, exclude_self=True)
     out = case.forward()
-    torch.library.opcheck(ops.info_nce_forward.default, (case.q, case.k, case.scale, *case.int_args(), 0, True, True),
-                          test_utils="test_schema")  # fmt: skip
+    torch.library.opcheck(
+        ops.info_nce_forward.default,
+        (case.q, case.k, case.scale, *case.int_args(), 0, True, True),
+        test_utils="test_schema",
+    )
     args = (case.grad_row, case.grad_col, case.q, case.k, case.scale, *case.int_args(), out[1], out[3], 0, True)
     torch.library.opcheck(ops.info_nce_backward.default, (*args, True, True, True), test_utils="test_schema")
 

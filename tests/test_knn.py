@@ -51,8 +51,9 @@ def check_neighbours(x, y, k, metric, dist, idx):
     flat_i = idx if idx.dim() == 3 else idx[None]
     nb = torch.gather(flat_y, 1, flat_i.reshape(flat_i.shape[0], -1, 1).expand(-1, -1, flat_y.shape[-1]))
     nb = nb.reshape(*flat_i.shape, flat_y.shape[-1])
-    own = knn_reference(flat_x[:, :, None, :].reshape(-1, 1, flat_x.shape[-1]),
-                        nb.reshape(-1, k, flat_y.shape[-1]), k, metric=metric)[0]  # fmt: skip
+    own = knn_reference(
+        flat_x[:, :, None, :].reshape(-1, 1, flat_x.shape[-1]), nb.reshape(-1, k, flat_y.shape[-1]), k, metric=metric
+    )[0]
     own = torch.sort(own.reshape(-1, k), dim=-1).values
     got_d = dist.reshape(-1, k).double()
     assert_close(got_d, torch.sort(got_d, dim=-1).values, rtol=0, atol=0, name="ascending")
@@ -88,8 +89,9 @@ def test_knn_low_precision_and_queries(impl, dtype, metric):
     _needs(impl)
     x, y = points((67, 37), dtype, seed=2), points((131, 37), dtype, seed=3)
     dist, idx = knn(x, y, k=3, metric=metric, impl=impl)
-    check_neighbours(x.float() if dtype != torch.float32 else x, y.float() if dtype != torch.float32 else y, 3,
-                     metric, dist, idx)  # fmt: skip
+    check_neighbours(
+        x.float() if dtype != torch.float32 else x, y.float() if dtype != torch.float32 else y, 3, metric, dist, idx
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -214,8 +216,9 @@ def test_ksg_agrees_with_scikit_learns_mutual_info_regression():
         z = _gaussian(2000, [[1.0, rho], [rho, 2.0]], seed=seed)
         z = z / z.std(dim=0, correction=0)
         ours = ksg_mutual_information(z[:, 0], z[:, 1], k=4, variant=1).item()
-        want = feature_selection.mutual_info_regression(z[:, :1].numpy(), z[:, 1].numpy(), n_neighbors=4,
-                                                        random_state=seed)[0]  # fmt: skip
+        want = feature_selection.mutual_info_regression(
+            z[:, :1].numpy(), z[:, 1].numpy(), n_neighbors=4, random_state=seed
+        )[0]
         assert abs(max(ours, 0.0) - want) < 1e-9, (rho, ours, want)
 
 
@@ -265,8 +268,11 @@ def test_triton_estimators_equal_the_reference():
 def test_entropy_and_koleo_gradients_match_reference(impl):
     _needs(impl)
     x = points((60, 6), seed=50)
-    for fn in (lambda v, i: knn_entropy(v, k=3, impl=i), lambda v, i: koleo_loss(v, impl=i),
-               lambda v, i: knn_entropy(v, k=2, metric="chebyshev", impl=i)):  # fmt: skip
+    for fn in (
+        lambda v, i: knn_entropy(v, k=3, impl=i),
+        lambda v, i: koleo_loss(v, impl=i),
+        lambda v, i: knn_entropy(v, k=2, metric="chebyshev", impl=i),
+    ):
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         fn(a, impl).backward()
         fn(b, "reference").backward()
@@ -413,9 +419,15 @@ def test_triton_screening_bound_covers_its_error(precision, offset):
 
 @pytest.mark.parametrize(
     "shape, k, offset",
-    [((203, 37), 1, 0.0), ((203, 37), 3, 0.0), ((203, 37), 3, 30.0), ((2, 70, 20), 17, 0.0), ((5, 3), 3, 0.0),
-     ((1, 150, 130), 5, 0.0)],
-)  # fmt: skip
+    [
+        ((203, 37), 1, 0.0),
+        ((203, 37), 3, 0.0),
+        ((203, 37), 3, 30.0),
+        ((2, 70, 20), 17, 0.0),
+        ((5, 3), 3, 0.0),
+        ((1, 150, 130), 5, 0.0),
+    ],
+)
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_triton_screening_keeps_the_nearest_candidates(shape, k, offset, prefetch, monkeypatch):
     """The screening kernel itself, x against itself: many query blocks and candidate tiles (a partial last one,

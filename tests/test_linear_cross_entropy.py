@@ -35,8 +35,19 @@ SHAPES = [  # (batch shape, D, V): odd sizes that defeat block and chunk sizes
 ]
 
 
-def make_inputs(batch, d, v, dtype=torch.float64, *, seed=0, bias=True, ignore_frac=0.15, ignore_index=-100,
-                noncontig=False, scale=2.0):  # fmt: skip
+def make_inputs(
+    batch,
+    d,
+    v,
+    dtype=torch.float64,
+    *,
+    seed=0,
+    bias=True,
+    ignore_frac=0.15,
+    ignore_index=-100,
+    noncontig=False,
+    scale=2.0,
+):
     """Random (never zero) inputs with logits of standard deviation about ``scale``; some targets ignored."""
     g = torch.Generator().manual_seed(seed)
     if noncontig:  # strided views of larger tensors
@@ -119,8 +130,9 @@ def check_graded_float32(impl, x, w, t, b, *, lse_grad=None, **kw):
     b = None if b is None else b.float()
     if kw.get("weight") is not None:
         kw["weight"] = kw["weight"].float()
-    ours = run(linear_cross_entropy, x, w, t, b, impl=impl, lse_grad=None if lse_grad is None else lse_grad.float(),
-               **kw)  # fmt: skip
+    ours = run(
+        linear_cross_entropy, x, w, t, b, impl=impl, lse_grad=None if lse_grad is None else lse_grad.float(), **kw
+    )
     same = run(ref_fn, x, w, t, b, lse_grad=None if lse_grad is None else lse_grad.float(), **kw)
     truth = run(truth_fn, x, w, t, b, lse_grad=None if lse_grad is None else lse_grad.double(), **kw)
     for key in ours:
@@ -145,9 +157,18 @@ def test_reference_against_explicit_formula():
     eps, lam, cap = 0.2, 0.03, 2.5
     for reduction in ("mean", "sum", "none"):
         got, lse = linear_cross_entropy_reference(
-            x, w, t, linear_bias=b, weight=cw, reduction=reduction, label_smoothing=eps, z_loss=lam, softcap=cap,
-            return_lse=True, compute_dtype=torch.float64,
-        )  # fmt: skip
+            x,
+            w,
+            t,
+            linear_bias=b,
+            weight=cw,
+            reduction=reduction,
+            label_smoothing=eps,
+            z_loss=lam,
+            softcap=cap,
+            return_lse=True,
+            compute_dtype=torch.float64,
+        )
         z = cap * torch.tanh((x @ w.T + b) / cap)
         v = z.shape[1]
         per_ce, per_z, denom, n_valid = [], [], 0.0, 0
@@ -332,8 +353,9 @@ def test_three_dim_input_and_module(impl):
     module = infofuse.LinearCrossEntropyLoss(reduction="none", label_smoothing=0.1, impl=impl)
     loss = module(x, w, t, b)
     assert loss.shape == (2, 5)
-    want = linear_cross_entropy_reference(x, w, t, linear_bias=b, reduction="none", label_smoothing=0.1,
-                                          compute_dtype=impl_dtype(impl))  # fmt: skip
+    want = linear_cross_entropy_reference(
+        x, w, t, linear_bias=b, reduction="none", label_smoothing=0.1, compute_dtype=impl_dtype(impl)
+    )
     assert_close(loss, want, rtol=impl_rtol(impl), atol=impl_rtol(impl), name="module loss")
     weighted = infofuse.LinearCrossEntropyLoss(weight=torch.rand(50), impl=impl)
     assert "weight" in dict(weighted.named_buffers())
@@ -358,9 +380,19 @@ def test_gradcheck_float64(impl):
 
         def f(x_, w_, b_, reduction=reduction):
             loss, lse = linear_cross_entropy(
-                x_, w_, t, linear_bias=b_, weight=cw, reduction=reduction, label_smoothing=0.2, z_loss=0.1,
-                softcap=2.0, return_lse=True, impl=impl, chunk_size=4,
-            )  # fmt: skip
+                x_,
+                w_,
+                t,
+                linear_bias=b_,
+                weight=cw,
+                reduction=reduction,
+                label_smoothing=0.2,
+                z_loss=0.1,
+                softcap=2.0,
+                return_lse=True,
+                impl=impl,
+                chunk_size=4,
+            )
             return loss, lse
 
         inputs = tuple(a.clone().requires_grad_() for a in (x, w, b))
@@ -381,8 +413,20 @@ def test_record_function_names_the_op():
 def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=True):
     x, w, t, b = make_inputs((17,), 6, 23, dtype=dtype, seed=14)
     cw = torch.rand(23, dtype=torch.float32) + 0.5 if weight else None
-    return (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), cw, reduction, -100, 0.1, 0.01, 2.0, 4,
-            *flags)  # fmt: skip
+    return (
+        x.requires_grad_(),
+        w.requires_grad_(),
+        t,
+        b.requires_grad_(),
+        cw,
+        reduction,
+        -100,
+        0.1,
+        0.01,
+        2.0,
+        4,
+        *flags,
+    )
 
 
 OP_PAIRS = {  # impl -> (forward op, backward op)
@@ -560,11 +604,18 @@ def test_fuzz_against_reference(impl):
 
     @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
     @hypothesis.given(
-        n=st.integers(1, 40), d=st.integers(1, 20), v=st.integers(1, 90), chunk=st.one_of(st.none(), st.integers(1, 9)),
-        reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.05, 0.5]),
-        z_loss=st.sampled_from([0.0, 0.02]), softcap=st.sampled_from([None, 0.7, 4.0]), weighted=st.booleans(),
-        bias=st.booleans(), seed=st.integers(0, 2**16),
-    )  # fmt: skip
+        n=st.integers(1, 40),
+        d=st.integers(1, 20),
+        v=st.integers(1, 90),
+        chunk=st.one_of(st.none(), st.integers(1, 9)),
+        reduction=st.sampled_from(["mean", "sum", "none"]),
+        smoothing=st.sampled_from([0.0, 0.05, 0.5]),
+        z_loss=st.sampled_from([0.0, 0.02]),
+        softcap=st.sampled_from([None, 0.7, 4.0]),
+        weighted=st.booleans(),
+        bias=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
     def check(n, d, v, chunk, reduction, smoothing, z_loss, softcap, weighted, bias, seed):
         x, w, t, b = make_inputs((n,), d, v, seed=seed, bias=bias, ignore_frac=0.2)
         cw = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.1
@@ -572,8 +623,19 @@ def test_fuzz_against_reference(impl):
             opts = {"weight": cw}
         else:
             opts = {}
-        check_impl(impl, x, w, t, b, reduction=reduction, label_smoothing=smoothing, z_loss=z_loss,
-                      softcap=softcap, chunk_size=chunk, **opts)  # fmt: skip
+        check_impl(
+            impl,
+            x,
+            w,
+            t,
+            b,
+            reduction=reduction,
+            label_smoothing=smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk,
+            **opts,
+        )
 
     check()
 
@@ -610,8 +672,16 @@ def test_fused_deterministic_mode(deterministic, option_set, reduction):
     make_kw, opts = _options(option_set, 507, seed=20)
     x, w, t, b = make_inputs((252,), 123, 507, seed=20, **make_kw)
     first, _ = check_impl("fused", x, w, t, b, reduction=reduction, **opts)
-    again = run(linear_cross_entropy, x.float(), w.float(), t, b.float(), impl="fused", reduction=reduction,
-                **{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})  # fmt: skip
+    again = run(
+        linear_cross_entropy,
+        x.float(),
+        w.float(),
+        t,
+        b.float(),
+        impl="fused",
+        reduction=reduction,
+        **{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()},
+    )
     for key in ("dx", "dw", "db"):
         assert torch.equal(first[key], again[key]), f"{key} differs between two deterministic runs"
 
@@ -652,20 +722,20 @@ def test_chunked_grad_weight_summed_in_its_own_dtype(monkeypatch, reduction):
 
 def test_fused_workspace_slices_change_nothing(monkeypatch, deterministic):
     """bf16 gradients through float32 slices of one block each: bitwise what one slice gives (fixed order)."""
-    from infofuse.triton_kernels import lce_fused
+    from infofuse.triton_kernels import linear_cross_entropy_fused
 
     x, w, t, b = make_inputs((252,), 123, 507, dtype=torch.bfloat16, seed=22)
     whole = run(linear_cross_entropy, x, w, t, b, impl="fused", label_smoothing=0.1)
-    monkeypatch.setattr(lce_fused, "WORKSPACE_BYTES", 4 * 123 * 64)  # 64 rows of dX or dW per slice
+    monkeypatch.setattr(linear_cross_entropy_fused, "WORKSPACE_BYTES", 4 * 123 * 64)  # 64 rows of dX or dW per slice
     sliced = run(linear_cross_entropy, x, w, t, b, impl="fused", label_smoothing=0.1)
     for key in ("loss", "dx", "dw", "db"):
         assert torch.equal(sliced[key], whole[key]), key
 
 
 def test_fused_workspace_slices_with_atomics(monkeypatch):
-    from infofuse.triton_kernels import lce_fused
+    from infofuse.triton_kernels import linear_cross_entropy_fused
 
-    monkeypatch.setattr(lce_fused, "WORKSPACE_BYTES", 4 * 123 * 64)
+    monkeypatch.setattr(linear_cross_entropy_fused, "WORKSPACE_BYTES", 4 * 123 * 64)
     x, w, t, b = make_inputs((252,), 123, 507, dtype=torch.bfloat16, seed=23)
     ours = run(linear_cross_entropy, x, w, t, b, impl="fused", z_loss=1e-3)
     same = run(ref_fn, x, w, t, b, z_loss=1e-3)
@@ -683,15 +753,28 @@ def _plain_mean_coefficients(n):
 def test_fused_filter_skips_exactly_the_tail_tiles():
     """float32 with the filter forced on: dW equals the float64 gradient with the same tiles removed, dX is never
     filtered, and most tiles of an LM-like vocabulary tail are skipped."""
-    from infofuse.triton_kernels.lce_fused import lce_fused_grads
+    from infofuse.triton_kernels.linear_cross_entropy_fused import lce_fused_grads
 
     n, d, v, eps = 128, 32, 4096, 2.0**-8  # a coarse threshold, so that a small vocabulary has a long tail
     x, w, t = lm_inputs(n, d, v, torch.float32, seed=24)
     z = x.double() @ w.double().T
     lse = torch.logsumexp(z, 1)
     counts = torch.zeros(2, dtype=torch.int32)
-    dx, dw, _ = lce_fused_grads(x, w, None, t, None, None, lse.float(), *_plain_mean_coefficients(n), want_dx=True,
-                                want_dw=True, want_db=False, filter_eps=eps, counts=counts)  # fmt: skip
+    dx, dw, _ = lce_fused_grads(
+        x,
+        w,
+        None,
+        t,
+        None,
+        None,
+        lse.float(),
+        *_plain_mean_coefficients(n),
+        want_dx=True,
+        want_dw=True,
+        want_db=False,
+        filter_eps=eps,
+        counts=counts,
+    )
     p = torch.softmax(z, 1)
     g = p.clone()
     g[torch.arange(n), t] -= 1.0

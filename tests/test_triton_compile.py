@@ -36,7 +36,7 @@ def test_knn_kernels_compile_for_sm80_and_sm90():
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for arch, shape in runs
     ]
     for (arch, shape), proc in zip(runs, procs, strict=True):

@@ -41,15 +41,23 @@ BAD = [
     ("target_high", {"target": torch.tensor([0, 1, 10, 2, 3, 4])}, ValueError, "target[2] (flattened) = 10"),
     ("target_negative", {"target": torch.tensor([0, -1, 1, 2, 3, 4])}, ValueError, "outside [0, V) with V = 10"),
     ("input_int", {"input": torch.ones(6, 4, dtype=torch.int32)}, TypeError, "input must be float32, bfloat16"),
-    ("dtype_mismatch", {"linear_weight": torch.randn(10, 4, dtype=torch.float64)}, TypeError,
-     "linear_weight must have input's dtype"),
+    (
+        "dtype_mismatch",
+        {"linear_weight": torch.randn(10, 4, dtype=torch.float64)},
+        TypeError,
+        "linear_weight must have input's dtype",
+    ),
     ("bias_shape", {"linear_bias": torch.randn(9)}, ValueError, "linear_bias must have shape (V,) = (10,)"),
     ("bias_dtype", {"linear_bias": torch.randn(10, dtype=torch.float64)}, TypeError, "linear_bias must have input's"),
     ("weight_shape", {"weight": torch.rand(11)}, ValueError, "weight (class weights) must have shape (V,)"),
     ("weight_int", {"weight": torch.ones(10, dtype=torch.long)}, TypeError, "must be floating point"),
     ("weight_grad", {"weight": torch.rand(10, requires_grad=True)}, ValueError, "receives no gradient"),
-    ("mixed_devices", {"target": torch.zeros(6, dtype=torch.long, device="meta")}, ValueError,
-     "all tensors must be on one device"),
+    (
+        "mixed_devices",
+        {"target": torch.zeros(6, dtype=torch.long, device="meta")},
+        ValueError,
+        "all tensors must be on one device",
+    ),
     ("reduction", {"reduction": "avg"}, ValueError, "reduction must be 'none', 'mean' or 'sum'"),
     ("ignore_index_float", {"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
     ("smoothing_high", {"label_smoothing": 1.5}, ValueError, "label_smoothing must be a float in [0, 1]"),
@@ -59,7 +67,7 @@ BAD = [
     ("softcap_zero", {"softcap": 0.0}, ValueError, "softcap must be None or a finite float > 0"),
     ("softcap_negative", {"softcap": -2.0}, ValueError, "softcap must be None or a finite float > 0"),
     ("chunk_size_zero", {"chunk_size": 0}, ValueError, "chunk_size must be None or an int >= 1"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -81,8 +89,9 @@ def test_kernel_checks_targets_itself():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     t = torch.tensor([0, 7, 1])
     with pytest.raises(ValueError, match=r"target\[1\] = 7 is outside \[0, V\) with V = 5"):
-        torch.ops.infofuse.linear_cross_entropy_forward(x, w, t, None, None, 1, -100, 0.0, 0.0, 0.0, 0, False,
-                                                        False, False)  # fmt: skip
+        torch.ops.infofuse.linear_cross_entropy_forward(
+            x, w, t, None, None, 1, -100, 0.0, 0.0, 0.0, 0, False, False, False
+        )
 
 
 @pytest.mark.skipif(not infofuse.cpp_available(), reason="needs the C++ extension infofuse._C")

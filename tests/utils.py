@@ -42,8 +42,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, a
     assert ok, f"{name} differs:\n{describe_mismatch(actual, expected, rtol, atol)}"
 
 
-def assert_graded(ours: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor, *, name: str,
-                  factor: float = 2.0, floor: float = 0.0) -> None:  # fmt: skip
+def assert_graded(
+    ours: torch.Tensor,
+    torch_same_dtype: torch.Tensor,
+    truth: torch.Tensor,
+    *,
+    name: str,
+    factor: float = 2.0,
+    floor: float = 0.0,
+) -> None:
     """err(ours) <= factor · err(PyTorch at the same dtype) + floor, both against a float64 truth."""
     e_ours = rel_err(ours, truth)
     e_torch = rel_err(torch_same_dtype, truth)

@@ -17,20 +17,41 @@ def softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def logit_tile(
-    x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_wv,
+    stride_wd,
+    HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """X[rows]·W[cols]ᵀ (+ b[cols]) as a float32 (BLOCK_N × BLOCK_V) tile, BLOCK_D columns of D at a time;
     IEEE: float32 operands in IEEE precision (never TF32); DOT_F32: upcast the operands first (interpreter)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                    mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         if DOT_F32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -44,11 +65,23 @@ def logit_tile(
 
 
 @triton.jit
-def dot_block(a, b_ptr, b_rows, b_mask, ds, d_mask, stride_r, stride_d, TRANS_A: tl.constexpr,
-              IEEE: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def dot_block(
+    a,
+    b_ptr,
+    b_rows,
+    b_mask,
+    ds,
+    d_mask,
+    stride_r,
+    stride_d,
+    TRANS_A: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     """a·B[b_rows, ds] (or aᵀ·B with TRANS_A), float32 out; B's tile is read in its own dtype."""
-    blk = tl.load(b_ptr + b_rows[:, None] * stride_r + ds[None, :] * stride_d,
-                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    blk = tl.load(
+        b_ptr + b_rows[:, None] * stride_r + ds[None, :] * stride_d, mask=b_mask[:, None] & d_mask[None, :], other=0.0
+    )
     if DOT_F32:
         blk = blk.to(tl.float32)
     if TRANS_A:

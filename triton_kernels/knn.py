@@ -42,17 +42,35 @@ __all__ = [
 
 
 @triton.jit
-def _distance_tile(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _distance_tile(
+    x_ptr,
+    y_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    sxn,
+    sxd,
+    syn,
+    syd,
+    METRIC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """(BLOCK_Q × BLOCK_C) tile by direct differences in ACC: squared Euclidean (METRIC 0) or Chebyshev (1)."""
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
-        a = tl.load(x_ptr + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0).to(ACC)  # fmt: skip
-        b = tl.load(y_ptr + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0).to(ACC)  # fmt: skip
+        a = tl.load(
+            x_ptr + rows[:, None] * sxn + ds[None, :] * sxd, mask=row_mask[:, None] & d_mask[None, :], other=0.0
+        ).to(ACC)
+        b = tl.load(
+            y_ptr + cols[:, None] * syn + ds[None, :] * syd, mask=col_mask[:, None] & d_mask[None, :], other=0.0
+        ).to(ACC)
         diff = a[:, None, :] - b[None, :, :]
         if METRIC == 1:
             acc = tl.maximum(acc, tl.max(tl.abs(diff), axis=2))
@@ -92,19 +110,36 @@ def _empty_kept(K, ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _knn_direct_kernel(
-    x_ptr, y_ptr, out_d_ptr, out_i_ptr,
-    N, M, D, K,
-    sxb, sxn, sxd, syb, syn, syd,
-    EXCLUDE_SELF: tl.constexpr, METRIC: tl.constexpr, ACC: tl.constexpr, KP: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    y_ptr,
+    out_d_ptr,
+    out_i_ptr,
+    N,
+    M,
+    D,
+    K,
+    sxb,
+    sxn,
+    sxd,
+    syb,
+    syn,
+    syd,
+    EXCLUDE_SELF: tl.constexpr,
+    METRIC: tl.constexpr,
+    ACC: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     batch, x_b, y_b, rows, row_mask = _program_rows(x_ptr, y_ptr, sxb, syb, N, BLOCK_Q)
     slot, best_d, best_i = _empty_kept(K, ACC, KP, BLOCK_Q)
     for c0 in range(0, M, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < M
-        t = _distance_tile(x_b, y_b, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC, ACC, BLOCK_Q,
-                           BLOCK_C, BLOCK_D)  # fmt: skip
+        t = _distance_tile(
+            x_b, y_b, rows, cols, row_mask, col_mask, D, sxn, sxd, syn, syd, METRIC, ACC, BLOCK_Q, BLOCK_C, BLOCK_D
+        )
         best_d, best_i = _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_SELF)
     _store_kept(best_d, best_i, batch, rows, row_mask, slot, out_d_ptr, out_i_ptr, N, KP)
 
@@ -132,13 +167,35 @@ def _merge_tile(t, rows, cols, c0, row_mask, col_mask, best_d, best_i, EXCLUDE_S
 
 @triton.jit
 def _knn_screen_kernel(
-    x_ptr, y_ptr, mu_ptr, nx_ptr, hy_ptr, out_d_ptr, out_i_ptr,
-    N, M, D,
-    sxb, sxn, sxd, syb, syn, syd, SHY, TUNE_N,
-    EXCLUDE_SELF: tl.constexpr, PRECISION: tl.constexpr, CENTRE: tl.constexpr, KP: tl.constexpr,
-    ONE_D: tl.constexpr, INDEX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    y_ptr,
+    mu_ptr,
+    nx_ptr,
+    hy_ptr,
+    out_d_ptr,
+    out_i_ptr,
+    N,
+    M,
+    D,
+    sxb,
+    sxn,
+    sxd,
+    syb,
+    syn,
+    syd,
+    SHY,
+    TUNE_N,
+    EXCLUDE_SELF: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CENTRE: tl.constexpr,
+    KP: tl.constexpr,
+    ONE_D: tl.constexpr,
+    INDEX: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Squared Euclidean screening. Along a query's row the candidates are ranked by s = ‖b‖²/2 − a·b (the query's
     own ‖a‖² is the same for all of them): one subtraction per pair after the dot. hy: float32 (B, SHY) ‖b‖²/2,
     then +inf up to SHY, a multiple of BLOCK_C above M (so the last tile needs no mask). The kept entries leave as
@@ -219,8 +276,9 @@ def _merge_screened(t, c0, lc, slot, best_d, best_i, worst, w_slot):
 @triton.jit
 def _rows(v_ptr, rows, row_mask, ds, D, svn, svd):
     """(rows × ds) block of points as stored, zero outside D and the rows."""
-    return tl.load(v_ptr + rows[:, None] * svn + ds[None, :] * svd, mask=row_mask[:, None] & (ds < D)[None, :],
-                   other=0.0)  # fmt: skip
+    return tl.load(
+        v_ptr + rows[:, None] * svn + ds[None, :] * svd, mask=row_mask[:, None] & (ds < D)[None, :], other=0.0
+    )
 
 
 @triton.jit
@@ -290,27 +348,40 @@ def time_config(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, quantiles=quantiles)
 
 
-_knn_screen_tuned = triton.autotune(configs=_SCREEN_CONFIGS, key=["D", "KP", "PRECISION", "CENTRE", "TUNE_N"],
-                                    prune_configs_by={"early_config_prune": _prune_screen_configs},
-                                    do_bench=time_config)(_knn_screen_kernel)  # fmt: skip
+_knn_screen_tuned = triton.autotune(
+    configs=_SCREEN_CONFIGS,
+    key=["D", "KP", "PRECISION", "CENTRE", "TUNE_N"],
+    prune_configs_by={"early_config_prune": _prune_screen_configs},
+    do_bench=time_config,
+)(_knn_screen_kernel)
 
 
 @triton.jit
 def _knn_count_kernel(
-    x_ptr, r_ptr, out_ptr,
-    N, D,
-    sxb, sxn, sxd,
-    METRIC: tl.constexpr, STRICT: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    out_ptr,
+    N,
+    D,
+    sxb,
+    sxn,
+    sxd,
+    METRIC: tl.constexpr,
+    STRICT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     batch, x_b, _, rows, row_mask = _program_rows(x_ptr, x_ptr, sxb, sxb, N, BLOCK_Q)
     r = tl.load(r_ptr + batch * N + rows, mask=row_mask, other=0.0)
     count = tl.zeros((BLOCK_Q,), dtype=tl.int64)
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < N
-        t = _distance_tile(x_b, x_b, rows, cols, row_mask, col_mask, D, sxn, sxd, sxn, sxd, METRIC, ACC, BLOCK_Q,
-                           BLOCK_C, BLOCK_D)  # fmt: skip
+        t = _distance_tile(
+            x_b, x_b, rows, cols, row_mask, col_mask, D, sxn, sxd, sxn, sxd, METRIC, ACC, BLOCK_Q, BLOCK_C, BLOCK_D
+        )
         if METRIC == 0:
             t = tl.sqrt(t)
         if STRICT:
@@ -355,9 +426,17 @@ def screen_slots(k: int) -> int:
     return triton.next_power_of_2(k + max(4, (7 * k + 7) // 8))
 
 
-def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclude_self: bool, *,
-                   direct: bool | None = None, precision: str = "tf32",
-                   config: triton.Config | None = None):  # fmt: skip
+def knn_candidates(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    metric: int,
+    exclude_self: bool,
+    *,
+    direct: bool | None = None,
+    precision: str = "tf32",
+    config: triton.Config | None = None,
+):
     """(B, N, KP) candidates, KP ≥ k, in no particular order. A slot with a negative index holds no candidate: +inf
     in the screening (fewer than KP candidates), -inf in the direct search's padding past k. In the screening a
     query's largest distance is its KP-th smallest screened one, the certificate's.
@@ -382,9 +461,26 @@ def knn_candidates(x: torch.Tensor, y: torch.Tensor, k: int, metric: int, exclud
         if n:
             meta = _direct_meta(x)
             _knn_direct_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](
-                x, y, out_d, out_i, n, m, d, k, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-                y.stride(2), EXCLUDE_SELF=exclude_self, METRIC=metric, ACC=_acc(x.dtype), KP=kp, **meta,
-            )  # fmt: skip
+                x,
+                y,
+                out_d,
+                out_i,
+                n,
+                m,
+                d,
+                k,
+                x.stride(0),
+                x.stride(1),
+                x.stride(2),
+                y.stride(0),
+                y.stride(1),
+                y.stride(2),
+                EXCLUDE_SELF=exclude_self,
+                METRIC=metric,
+                ACC=_acc(x.dtype),
+                KP=kp,
+                **meta,
+            )
         return out_d, out_i, None
     if precision not in SCREEN_PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(SCREEN_PRECISIONS)}, got {precision!r}")
@@ -415,13 +511,31 @@ def screen_arguments(x, y, mu, nx32, hy32, out_d, out_i, exclude_self: bool, pre
     b, n, d = x.shape
     m = y.shape[1]
     return dict(
-        x_ptr=x, y_ptr=y, mu_ptr=hy32 if mu is None else mu,  # any float32 pointer when not centring (never read)
-        nx_ptr=nx32, hy_ptr=hy32, out_d_ptr=out_d, out_i_ptr=out_i, N=n, M=m, D=d,
-        sxb=x.stride(0), sxn=x.stride(1), sxd=x.stride(2), syb=y.stride(0), syn=y.stride(1), syd=y.stride(2),
-        SHY=hy32.shape[1], TUNE_N=n.bit_length(), EXCLUDE_SELF=exclude_self, PRECISION=precision,
-        CENTRE=mu is not None, KP=out_d.shape[-1], **screen_feature_blocks(d),
+        x_ptr=x,
+        y_ptr=y,
+        mu_ptr=hy32 if mu is None else mu,  # any float32 pointer when not centring (never read)
+        nx_ptr=nx32,
+        hy_ptr=hy32,
+        out_d_ptr=out_d,
+        out_i_ptr=out_i,
+        N=n,
+        M=m,
+        D=d,
+        sxb=x.stride(0),
+        sxn=x.stride(1),
+        sxd=x.stride(2),
+        syb=y.stride(0),
+        syn=y.stride(1),
+        syd=y.stride(2),
+        SHY=hy32.shape[1],
+        TUNE_N=n.bit_length(),
+        EXCLUDE_SELF=exclude_self,
+        PRECISION=precision,
+        CENTRE=mu is not None,
+        KP=out_d.shape[-1],
+        **screen_feature_blocks(d),
         INDEX=tl.int32 if m + 1024 < 2**31 else tl.int64,
-    )  # fmt: skip
+    )
 
 
 # Bytes of float64 rows per step when norms and centres are computed (bounded temporaries).
@@ -502,7 +616,17 @@ def knn_counts(x: torch.Tensor, radius: torch.Tensor, metric: int, strict: bool)
     radius = radius.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     meta = _direct_meta(x)
     _knn_count_kernel[(triton.cdiv(n, meta["BLOCK_Q"]), b)](
-        x, radius, out, n, d, x.stride(0), x.stride(1), x.stride(2), METRIC=metric, STRICT=strict,
-        ACC=_acc(x.dtype), **meta,
-    )  # fmt: skip
+        x,
+        radius,
+        out,
+        n,
+        d,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        METRIC=metric,
+        STRICT=strict,
+        ACC=_acc(x.dtype),
+        **meta,
+    )
     return out

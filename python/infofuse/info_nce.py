@@ -109,8 +109,21 @@ def _op_name(impl: str, family: str, which: str) -> str:
     return f"{family}_{which}" if impl == "cpu" else f"{family}_{impl}_{which}"
 
 
-def _pairwise(query, key, scale, target, labels, key_labels, symmetric, exclude_self, reduction, impl, supcon,
-              names=("query", "key"), scale_name="scale"):  # fmt: skip
+def _pairwise(
+    query,
+    key,
+    scale,
+    target,
+    labels,
+    key_labels,
+    symmetric,
+    exclude_self,
+    reduction,
+    impl,
+    supcon,
+    names=("query", "key"),
+    scale_name="scale",
+):
     """Validation, backend choice and the reduction shared by info_nce and supcon_loss."""
     _check_embeddings(query, key, *names)
     _check_common(reduction, impl)
@@ -147,9 +160,19 @@ def _pairwise(query, key, scale, target, labels, key_labels, symmetric, exclude_
         raise ValueError(f"exclude_self=True removes each row's own column, but target[{i}] = {i}")
     impl = _resolve_impl(impl, query)
     if impl == "reference":
-        return info_nce_reference(query, key, scale=scale, target=t, labels=labels, key_labels=key_labels,
-                                  symmetric=symmetric, exclude_self=exclude_self, reduction=reduction, supcon=supcon,
-                                  compute_dtype=_ops.acc_dtype(query.dtype))  # fmt: skip
+        return info_nce_reference(
+            query,
+            key,
+            scale=scale,
+            target=t,
+            labels=labels,
+            key_labels=key_labels,
+            symmetric=symmetric,
+            exclude_self=exclude_self,
+            reduction=reduction,
+            supcon=supcon,
+            compute_dtype=_ops.acc_dtype(query.dtype),
+        )
     if labels is not None:
         labels = labels.long()
         key_labels = labels if key_labels is None else key_labels.long()
@@ -176,9 +199,19 @@ def _pairwise(query, key, scale, target, labels, key_labels, symmetric, exclude_
     return row.mean()
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, *, scale, target: torch.Tensor | None = None,
-             labels: torch.Tensor | None = None, key_labels: torch.Tensor | None = None, symmetric: bool = False,
-             exclude_self: bool = False, reduction: str = "mean", impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale,
+    target: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    key_labels: torch.Tensor | None = None,
+    symmetric: bool = False,
+    exclude_self: bool = False,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> torch.Tensor:
     """InfoNCE over the scores ``scale · query @ key.T`` without materialising them.
 
     Equivalent PyTorch (``infofuse.reference.info_nce_reference``, without labels or exclude_self)::
@@ -210,12 +243,14 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, *, scale, target: torch.Ten
         each in its own dtype, accumulated in float32.
     """
     with torch.profiler.record_function("infofuse::info_nce"):
-        return _pairwise(query, key, scale, target, labels, key_labels, symmetric, exclude_self, reduction, impl,
-                         supcon=False)  # fmt: skip
+        return _pairwise(
+            query, key, scale, target, labels, key_labels, symmetric, exclude_self, reduction, impl, supcon=False
+        )
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, reduction: str = "mean",
-              impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def clip_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale, *, reduction: str = "mean", impl: str | None = None
+) -> torch.Tensor:
     """open_clip's ``ClipLoss`` on one device: the symmetric InfoNCE of matched (image, text) pairs.
 
     Equivalent PyTorch::
@@ -228,12 +263,26 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, reduction
     tensor that receives its gradient. image and text are (N, D); ``reduction`` and ``impl`` as in ``info_nce``.
     """
     with torch.profiler.record_function("infofuse::clip_loss"):
-        return _pairwise(image, text, logit_scale, None, None, None, True, False, reduction, impl, supcon=False,
-                         names=("image", "text"), scale_name="logit_scale")  # fmt: skip
+        return _pairwise(
+            image,
+            text,
+            logit_scale,
+            None,
+            None,
+            None,
+            True,
+            False,
+            reduction,
+            impl,
+            supcon=False,
+            names=("image", "text"),
+            scale_name="logit_scale",
+        )
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, reduction: str = "mean",
-            impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature, *, reduction: str = "mean", impl: str | None = None
+) -> torch.Tensor:
     """SimCLR's NT-Xent loss of two views z1, z2 (B, D) of the same B samples.
 
     Equivalent PyTorch::
@@ -257,12 +306,26 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, reduction: str =
         z = torch.cat([z1, z2])
         target = (torch.arange(2 * b, device=z.device) + b) % max(2 * b, 1)
         scale = 1.0 / temperature
-        return _pairwise(z, z, scale, target, None, None, False, True, reduction, impl, supcon=False,
-                         names=("z1", "z2"), scale_name="temperature")  # fmt: skip
+        return _pairwise(
+            z,
+            z,
+            scale,
+            target,
+            None,
+            None,
+            False,
+            True,
+            reduction,
+            impl,
+            supcon=False,
+            names=("z1", "z2"),
+            scale_name="temperature",
+        )
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature, *, reduction: str = "mean",
-                impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def supcon_loss(
+    features: torch.Tensor, labels: torch.Tensor, temperature, *, reduction: str = "mean", impl: str | None = None
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out): every other same-label sample is a positive.
 
     Equivalent PyTorch, for features (N, D)::
@@ -288,12 +351,32 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature, *, re
         _check_scalar("temperature", temperature, features.device, positive=True)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        return _pairwise(features, features, 1.0 / temperature, None, labels, labels, False, False, reduction, impl,
-                         supcon=True, names=("features", "features"), scale_name="temperature")  # fmt: skip
+        return _pairwise(
+            features,
+            features,
+            1.0 / temperature,
+            None,
+            labels,
+            labels,
+            False,
+            False,
+            reduction,
+            impl,
+            supcon=True,
+            names=("features", "features"),
+            scale_name="temperature",
+        )
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit_bias, *, reduction: str = "mean",
-                impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def siglip_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    *,
+    reduction: str = "mean",
+    impl: str | None = None,
+) -> torch.Tensor:
     """open_clip's ``SigLipLoss`` on one device: a sigmoid loss on every (image, text) pair.
 
     Equivalent PyTorch::
@@ -315,8 +398,14 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, logit_bias
         _check_scalar("logit_bias", logit_bias, image.device, positive=False)
         impl = _resolve_impl(impl, image)
         if impl == "reference":
-            return siglip_reference(image, text, scale=logit_scale, bias=logit_bias, reduction=reduction,
-                                    compute_dtype=_ops.acc_dtype(image.dtype))  # fmt: skip
+            return siglip_reference(
+                image,
+                text,
+                scale=logit_scale,
+                bias=logit_bias,
+                reduction=reduction,
+                compute_dtype=_ops.acc_dtype(image.dtype),
+            )
         op = getattr(torch.ops.infofuse, _op_name(impl, "siglip", "forward"))
         row = op(image, text, _scale_tensor(logit_scale, image), _scale_tensor(logit_bias, image))
         if reduction == "none":

@@ -57,7 +57,7 @@ def _check_impl(impl, device: torch.device) -> str:
     if impl is not None and impl not in _IMPLS:
         raise ValueError(f"impl must be None, 'cpu', 'cuda', 'triton' or 'reference', got {impl!r}")
     if impl is None:
-        if device.type == "cpu" and _ext.cpp_available() and hasattr(torch.ops.infofuse, "knn"):
+        if device.type == "cpu" and _ext.cpp_available():
             return "cpu"
         if device.type == "cuda":
             if _ops.cuda_kernels_built():
@@ -113,8 +113,9 @@ def _search(x3, y3, k, metric, impl):
     return op(x3, x3 if y3 is None else y3, k, _ops.METRICS[metric], y3 is None)
 
 
-def knn(x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1, *, metric: str = "euclidean",
-        impl: str | None = None):  # fmt: skip
+def knn(
+    x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1, *, metric: str = "euclidean", impl: str | None = None
+):
     """The k nearest neighbours of every row of x among the rows of y, without an N×M distance matrix.
 
     Equivalent PyTorch (``infofuse.reference.knn_reference``)::
@@ -202,8 +203,9 @@ def _in_base(value: torch.Tensor, base) -> torch.Tensor:
     return value / math.log(base)
 
 
-def knn_entropy(x: torch.Tensor, k: int = 3, *, metric: str = "euclidean", base=None,
-                impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def knn_entropy(
+    x: torch.Tensor, k: int = 3, *, metric: str = "euclidean", base=None, impl: str | None = None
+) -> torch.Tensor:
     """Kozachenko–Leonenko differential entropy estimate, H = ψ(N) − ψ(k) + log V_d + (d/N) Σ log ε_i.
 
     ε_i is the distance from x_i to its k-th nearest neighbour (self excluded); V_d the volume of the unit ball of
@@ -241,8 +243,9 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, impl: str | None = None) -
         return loss[0] if squeeze else loss
 
 
-def knn_kl_divergence(p: torch.Tensor, q: torch.Tensor, k: int = 1, *, base=None,
-                      impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def knn_kl_divergence(
+    p: torch.Tensor, q: torch.Tensor, k: int = 1, *, base=None, impl: str | None = None
+) -> torch.Tensor:
     """Wang–Kulkarni–Verdú estimate of D(P‖Q) from samples p (n, d) of P and q (m, d) of Q (Euclidean):
     (d/n) Σ_i log(ν_k(i)/ρ_k(i)) + log(m/(n − 1)), ρ the k-th distance within p (self excluded), ν the k-th
     distance from p_i to q. Differentiable with respect to p and q; zero distances floored as in knn_entropy."""
@@ -261,8 +264,9 @@ def knn_kl_divergence(p: torch.Tensor, q: torch.Tensor, k: int = 1, *, base=None
         return div[0] if squeeze else div
 
 
-def ksg_mutual_information(x: torch.Tensor, y: torch.Tensor, k: int = 3, *, variant: int = 1, base=None,
-                           impl: str | None = None) -> torch.Tensor:  # fmt: skip
+def ksg_mutual_information(
+    x: torch.Tensor, y: torch.Tensor, k: int = 3, *, variant: int = 1, base=None, impl: str | None = None
+) -> torch.Tensor:
     """Kraskov–Stögbauer–Grassberger estimate of I(X; Y) from paired samples x (N, dx), y (N, dy) (1-D vectors are
     one feature), or batched (B, N, ·). Max-norm in the joint space; marginal counts exclude the point itself.
 

@@ -59,8 +59,20 @@ def _check_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-              softcap, impl, chunk_size):  # fmt: skip
+def _validate(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    impl,
+    chunk_size,
+):
     _check_tensor("input", input)
     _check_tensor("linear_weight", linear_weight)
     _check_tensor("target", target)
@@ -102,8 +114,11 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
             raise ValueError("weight (class weights) receives no gradient, as in PyTorch; pass weight.detach()")
     devices = {t.device for t in (input, linear_weight, target, linear_bias, weight) if t is not None}
     if len(devices) > 1:
-        named = zip(("input", "linear_weight", "target", "linear_bias", "weight"),
-                    (input, linear_weight, target, linear_bias, weight), strict=True)  # fmt: skip
+        named = zip(
+            ("input", "linear_weight", "target", "linear_bias", "weight"),
+            (input, linear_weight, target, linear_bias, weight),
+            strict=True,
+        )
         where = ", ".join(f"{n} on {t.device}" for n, t in named if t is not None)
         raise ValueError(f"all tensors must be on one device, got {where}")
     if reduction not in REDUCTIONS:
@@ -114,9 +129,7 @@ def _validate(input, linear_weight, target, linear_bias, weight, reduction, igno
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     if not isinstance(z_loss, numbers.Real) or not float(z_loss) >= 0.0 or z_loss == float("inf"):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    if softcap is not None and (
-        not isinstance(softcap, numbers.Real) or not 0.0 < float(softcap) < float("inf")
-    ):  # fmt: skip
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not 0.0 < float(softcap) < float("inf")):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
@@ -200,18 +213,38 @@ def linear_cross_entropy(
     with torch.profiler.record_function("infofuse::linear_cross_entropy"):
         if ignore_index is None:
             ignore_index = -100
-        _validate(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                  z_loss, softcap, impl, chunk_size)  # fmt: skip
+        _validate(
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            impl,
+            chunk_size,
+        )
         device = input.device
         if impl is None:
             impl = _default_impl(device)
         if impl == "reference":
             return linear_cross_entropy_reference(
-                input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
-                ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                softcap=None if softcap is None else float(softcap), return_lse=return_lse,
+                input,
+                linear_weight,
+                target,
+                linear_bias=linear_bias,
+                weight=weight,
+                reduction=reduction,
+                ignore_index=ignore_index,
+                label_smoothing=float(label_smoothing),
+                z_loss=float(z_loss),
+                softcap=None if softcap is None else float(softcap),
+                return_lse=return_lse,
                 compute_dtype=torch.float64 if input.dtype == torch.float64 else torch.float32,
-            )  # fmt: skip
+            )
         if impl == "cpu":
             _ext.require_cpp("cpu")
             if device.type != "cpu":

@@ -45,10 +45,20 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
-            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            softcap=self.softcap, return_lse=self.return_lse, impl=self.impl, chunk_size=self.chunk_size,
-        )  # fmt: skip
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_lse=self.return_lse,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
 
     def extra_repr(self) -> str:
         keys = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "impl")
@@ -78,8 +88,9 @@ class InfoNCELoss(_KeywordLoss):
 
     _keys = ("symmetric", "exclude_self", "reduction", "impl")
 
-    def __init__(self, *, symmetric: bool = False, exclude_self: bool = False, reduction: str = "mean",
-                 impl: str | None = None):  # fmt: skip
+    def __init__(
+        self, *, symmetric: bool = False, exclude_self: bool = False, reduction: str = "mean", impl: str | None = None
+    ):
         super().__init__(symmetric=symmetric, exclude_self=exclude_self, reduction=reduction, impl=impl)
 
     def forward(self, query, key, scale, target=None, labels=None, key_labels=None):

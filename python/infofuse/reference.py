@@ -86,8 +86,20 @@ def _scores(query, key, scale, compute_dtype):
     return (query @ key.T).to(compute_dtype) * scale.to(device=query.device, dtype=compute_dtype)
 
 
-def info_nce_rows_reference(query, key, scale, target, labels=None, key_labels=None, col_target=None, *, mode=0,
-                            exclude_self=False, want_cols=False, compute_dtype=None):  # fmt: skip
+def info_nce_rows_reference(
+    query,
+    key,
+    scale,
+    target,
+    labels=None,
+    key_labels=None,
+    col_target=None,
+    *,
+    mode=0,
+    exclude_self=False,
+    want_cols=False,
+    compute_dtype=None,
+):
     """Per-row (and per-column) InfoNCE terms, densely: what the ``infofuse::info_nce_forward`` op returns.
 
     S = scale·Q Kᵀ. mode 0: row i's softmax runs over the allowed columns — all but j = i with ``exclude_self``,
@@ -125,8 +137,20 @@ def info_nce_rows_reference(query, key, scale, target, labels=None, key_labels=N
     return row_loss, row_lse, col_loss, col_lse
 
 
-def info_nce_reference(query, key, *, scale, target=None, labels=None, key_labels=None, symmetric=False,
-                       exclude_self=False, reduction="mean", supcon=False, compute_dtype=None):  # fmt: skip
+def info_nce_reference(
+    query,
+    key,
+    *,
+    scale,
+    target=None,
+    labels=None,
+    key_labels=None,
+    symmetric=False,
+    exclude_self=False,
+    reduction="mean",
+    supcon=False,
+    compute_dtype=None,
+):
     """Pairwise InfoNCE, densely (the N×M scores, PyTorch's autograd): the definition ``infofuse.info_nce`` and
     its thin wrappers are tested against. See ``info_nce_rows_reference`` for the per-row terms.
 
@@ -139,9 +163,19 @@ def info_nce_reference(query, key, *, scale, target=None, labels=None, key_label
     if labels is not None and key_labels is None:
         key_labels = labels
     col_target = torch.argsort(target) if symmetric else None
-    row, _, col, _ = info_nce_rows_reference(query, key, scale, target, labels, key_labels, col_target,
-                                             mode=1 if supcon else 0, exclude_self=exclude_self,
-                                             want_cols=symmetric, compute_dtype=compute_dtype)  # fmt: skip
+    row, _, col, _ = info_nce_rows_reference(
+        query,
+        key,
+        scale,
+        target,
+        labels,
+        key_labels,
+        col_target,
+        mode=1 if supcon else 0,
+        exclude_self=exclude_self,
+        want_cols=symmetric,
+        compute_dtype=compute_dtype,
+    )
     if symmetric:
         row = 0.5 * (row + col)
     if reduction == "none":

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._library import define
+
 INFO_NCE_FORWARD_SCHEMA = (
     "{name}(Tensor query, Tensor key, Tensor scale, Tensor target, Tensor? labels, Tensor? key_labels, "
     "Tensor? col_target, int mode, bool exclude_self, bool want_cols) "
@@ -60,12 +62,32 @@ def _info_nce_forward_fake(query, key, scale, target, labels, key_labels, col_ta
     n, m = query.shape[0], key.shape[0]
     acc = acc_dtype(query.dtype)
     cols = m if want_cols else 0
-    return (query.new_empty((n,), dtype=acc), query.new_empty((n,), dtype=acc), query.new_empty((cols,), dtype=acc),
-            query.new_empty((cols,), dtype=acc))  # fmt: skip
+    return (
+        query.new_empty((n,), dtype=acc),
+        query.new_empty((n,), dtype=acc),
+        query.new_empty((cols,), dtype=acc),
+        query.new_empty((cols,), dtype=acc),
+    )
 
 
-def _info_nce_backward_fake(grad_row, grad_col, query, key, scale, target, labels, key_labels, col_target, row_lse,
-                            col_lse, mode, exclude_self, grad_query, grad_key, grad_scale):  # fmt: skip
+def _info_nce_backward_fake(
+    grad_row,
+    grad_col,
+    query,
+    key,
+    scale,
+    target,
+    labels,
+    key_labels,
+    col_target,
+    row_lse,
+    col_lse,
+    mode,
+    exclude_self,
+    grad_query,
+    grad_key,
+    grad_scale,
+):
     acc = acc_dtype(query.dtype)
     gq = query.new_empty(query.shape) if grad_query else query.new_empty((0,))
     gk = key.new_empty(key.shape) if grad_key else key.new_empty((0,))
@@ -92,8 +114,9 @@ def _siglip_backward_fake(grad_row, query, key, scale, bias, grad_query, grad_ke
 def _info_nce_setup_context(ctx, inputs, output):
     query, key, scale, target, labels, key_labels, col_target, mode, exclude_self, want_cols = inputs
     _, row_lse, _, col_lse = output
-    ctx.save_for_backward(query, key, scale, target, labels, key_labels, col_target, row_lse,
-                          col_lse if want_cols else None)  # fmt: skip
+    ctx.save_for_backward(
+        query, key, scale, target, labels, key_labels, col_target, row_lse, col_lse if want_cols else None
+    )
     ctx.options = (mode, exclude_self, want_cols)
     ctx.mark_non_differentiable(row_lse, col_lse)
     ctx.set_materialize_grads(False)
@@ -110,9 +133,22 @@ def _info_nce_make_backward(backward_op):
         grad_col = None
         if want_cols:
             grad_col = grad_col_loss if grad_col_loss is not None else col_lse.new_zeros(col_lse.shape)
-        gq, gk, gs = backward_op(grad_row.contiguous(), None if grad_col is None else grad_col.contiguous(), query,
-                                 key, scale, target, labels, key_labels, col_target, row_lse, col_lse, mode,
-                                 exclude_self, *need)  # fmt: skip
+        gq, gk, gs = backward_op(
+            grad_row.contiguous(),
+            None if grad_col is None else grad_col.contiguous(),
+            query,
+            key,
+            scale,
+            target,
+            labels,
+            key_labels,
+            col_target,
+            row_lse,
+            col_lse,
+            mode,
+            exclude_self,
+            *need,
+        )
         return (gq if need[0] else None, gk if need[1] else None, gs if need[2] else None, *((None,) * 7))
 
     return backward
@@ -141,23 +177,21 @@ def _op(name: str):
 def register_info_nce_pair(forward_name: str, backward_name: str) -> None:
     torch.library.register_fake(forward_name)(_info_nce_forward_fake)
     torch.library.register_fake(backward_name)(_info_nce_backward_fake)
-    torch.library.register_autograd(forward_name, _info_nce_make_backward(_op(backward_name)),
-                                    setup_context=_info_nce_setup_context)  # fmt: skip
+    torch.library.register_autograd(
+        forward_name, _info_nce_make_backward(_op(backward_name)), setup_context=_info_nce_setup_context
+    )
 
 
 def register_siglip_pair(forward_name: str, backward_name: str) -> None:
     torch.library.register_fake(forward_name)(_siglip_forward_fake)
     torch.library.register_fake(backward_name)(_siglip_backward_fake)
-    torch.library.register_autograd(forward_name, _siglip_make_backward(_op(backward_name)),
-                                    setup_context=_siglip_setup_context)  # fmt: skip
+    torch.library.register_autograd(
+        forward_name, _siglip_make_backward(_op(backward_name)), setup_context=_siglip_setup_context
+    )
 
 
-def _cpp_declares_info_nce() -> bool:
-    from .._ext import cpp_available
-
-    return cpp_available() and hasattr(torch.ops.infofuse, "info_nce_forward")
-
-
-if _cpp_declares_info_nce():  # declared in csrc/infofuse.cpp, implemented for CPU in csrc/cpu/info_nce.cpp
-    register_info_nce_pair("infofuse::info_nce_forward", "infofuse::info_nce_backward")
-    register_siglip_pair("infofuse::siglip_forward", "infofuse::siglip_backward")
+# The C++ extension implements these four for CPU (csrc/cpu/info_nce.cpp).
+register_info_nce_pair(
+    define(INFO_NCE_FORWARD_SCHEMA, "info_nce_forward"), define(INFO_NCE_BACKWARD_SCHEMA, "info_nce_backward")
+)
+register_siglip_pair(define(SIGLIP_FORWARD_SCHEMA, "siglip_forward"), define(SIGLIP_BACKWARD_SCHEMA, "siglip_backward"))

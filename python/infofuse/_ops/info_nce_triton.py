@@ -2,11 +2,11 @@
 
 * chunked: query row chunks of raw scores ``Q_c Kᵀ`` by ``torch.mm`` (cuBLAS on the GPU) into one reused buffer in
   the embeddings' dtype, as dense PyTorch code computes them; one Triton pass per chunk
-  (``triton_kernels/pair_terms.py``) for the row log-sum-exps and losses, or, in backward, for ``scale·G`` written
+  (``triton_kernels/info_nce_terms.py``) for the row log-sum-exps and losses, or, in backward, for ``scale·G`` written
   over the chunk; then ``dQ_c = (scale·G)·K`` and ``dK += (scale·G)ᵀ·Q_c`` by ``torch.mm``, dK summed in float32.
   A symmetric loss's column log-sum-exps are the same pass over key chunks of ``K_c Qᵀ``. FLOPs: 2·N·M·D per
   GEMM; 4 (forward, symmetric) + 6 (backward) = 10·N·M·D.
-* fused: ``triton_kernels/pair_fused.py``, no score ever in memory, float32 accumulation in ``tl.dot``.
+* fused: ``triton_kernels/info_nce_fused.py``, no score ever in memory, float32 accumulation in ``tl.dot``.
 
 Both accept CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them), in float32, bfloat16
 and float16. The GEMMs of float32 inputs run in full float32 precision in the fused kernels (IEEE ``tl.dot``)
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ._library import LIB, define
 from ._triton_common import check_triton_input
 from .info_nce import (
     INFO_NCE_BACKWARD_SCHEMA,
@@ -35,12 +36,11 @@ CHUNK_BYTES = 128 << 20
 # Rows of dK per GEMM when bf16/fp16 chunk contributions are added into its float32 accumulator.
 HALF_GRAD_BLOCK = 4096
 
-_lib = torch.library.Library("infofuse", "FRAGMENT")
 for _impl in ("chunked", "fused"):
-    _lib.define(INFO_NCE_FORWARD_SCHEMA.format(name=f"info_nce_{_impl}_forward"))
-    _lib.define(INFO_NCE_BACKWARD_SCHEMA.format(name=f"info_nce_{_impl}_backward"))
-    _lib.define(SIGLIP_FORWARD_SCHEMA.format(name=f"siglip_{_impl}_forward"))
-    _lib.define(SIGLIP_BACKWARD_SCHEMA.format(name=f"siglip_{_impl}_backward"))
+    define(INFO_NCE_FORWARD_SCHEMA, f"info_nce_{_impl}_forward")
+    define(INFO_NCE_BACKWARD_SCHEMA, f"info_nce_{_impl}_backward")
+    define(SIGLIP_FORWARD_SCHEMA, f"siglip_{_impl}_forward")
+    define(SIGLIP_BACKWARD_SCHEMA, f"siglip_{_impl}_backward")
 
 
 def _f32(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -99,9 +99,8 @@ class _KeyGrad:
 # ---------------------------------------------------------------- chunked
 
 
-def _info_nce_chunked_forward(query, key, scale, target, labels, key_labels, col_target, mode, exclude_self,
-                              want_cols):  # fmt: skip
-    from infofuse.triton_kernels.pair_terms import pair_lse_rows
+def _info_nce_chunked_forward(query, key, scale, target, labels, key_labels, col_target, mode, exclude_self, want_cols):
+    from infofuse.triton_kernels.info_nce_terms import pair_lse_rows
 
     check_triton_input(query, "chunked")
     supcon = mode == MODE_SUPCON
@@ -109,8 +108,9 @@ def _info_nce_chunked_forward(query, key, scale, target, labels, key_labels, col
     n, m = query.shape[0], key.shape[0]
     row_loss, row_lse = _f32(query, n), _f32(query, n)
     for r0, _, s in _score_chunks(query, key):
-        pair_lse_rows(s, r0, scale, target, labels, key_labels, row_lse, row_loss, exclude_self=exclude_self,
-                      supcon=supcon)  # fmt: skip
+        pair_lse_rows(
+            s, r0, scale, target, labels, key_labels, row_lse, row_loss, exclude_self=exclude_self, supcon=supcon
+        )
     if m == 0:
         row_lse.fill_(float("-inf"))
         row_loss.fill_(float("nan") if not supcon else 0.0)
@@ -118,14 +118,31 @@ def _info_nce_chunked_forward(query, key, scale, target, labels, key_labels, col
         return row_loss, row_lse, _empty(query), _empty(query)
     col_loss, col_lse = _f32(query, m), _f32(query, m)
     for r0, _, s in _score_chunks(key, query):
-        pair_lse_rows(s, r0, scale, col_target, key_labels, labels, col_lse, col_loss, exclude_self=exclude_self,
-                      supcon=False)  # fmt: skip
+        pair_lse_rows(
+            s, r0, scale, col_target, key_labels, labels, col_lse, col_loss, exclude_self=exclude_self, supcon=False
+        )
     return row_loss, row_lse, col_loss, col_lse
 
 
-def _info_nce_chunked_backward(grad_row, grad_col, query, key, scale, target, labels, key_labels, col_target,
-                               row_lse, col_lse, mode, exclude_self, grad_query, grad_key, grad_scale):  # fmt: skip
-    from infofuse.triton_kernels.pair_terms import pair_grad_rows
+def _info_nce_chunked_backward(
+    grad_row,
+    grad_col,
+    query,
+    key,
+    scale,
+    target,
+    labels,
+    key_labels,
+    col_target,
+    row_lse,
+    col_lse,
+    mode,
+    exclude_self,
+    grad_query,
+    grad_key,
+    grad_scale,
+):
+    from infofuse.triton_kernels.info_nce_terms import pair_grad_rows
 
     check_triton_input(query, "chunked")
     supcon = mode == MODE_SUPCON
@@ -138,8 +155,23 @@ def _info_nce_chunked_backward(grad_row, grad_col, query, key, scale, target, la
     g_row = grad_row.to(torch.float32)
     g_col = None if grad_col is None else grad_col.to(torch.float32)
     for r0, q_chunk, s in _score_chunks(query, key):
-        pair_grad_rows(s, r0, scale32, target, labels, key_labels, count, row_lse, g_row, col_target, col_lse, g_col,
-                       ds_rows, exclude_self=exclude_self, supcon=supcon)  # fmt: skip
+        pair_grad_rows(
+            s,
+            r0,
+            scale32,
+            target,
+            labels,
+            key_labels,
+            count,
+            row_lse,
+            g_row,
+            col_target,
+            col_lse,
+            g_col,
+            ds_rows,
+            exclude_self=exclude_self,
+            supcon=supcon,
+        )
         if grad_query:
             torch.mm(s, key, out=gq[r0 : r0 + s.shape[0]])
         gk.add(s, q_chunk)
@@ -148,7 +180,7 @@ def _info_nce_chunked_backward(grad_row, grad_col, query, key, scale, target, la
 
 
 def _siglip_chunked_forward(query, key, scale, bias):
-    from infofuse.triton_kernels.pair_terms import siglip_rows
+    from infofuse.triton_kernels.info_nce_terms import siglip_rows
 
     check_triton_input(query, "chunked")
     scale, bias = scale.to(torch.float32), bias.to(torch.float32)
@@ -159,7 +191,7 @@ def _siglip_chunked_forward(query, key, scale, bias):
 
 
 def _siglip_chunked_backward(grad_row, query, key, scale, bias, grad_query, grad_key, grad_scale, grad_bias):
-    from infofuse.triton_kernels.pair_terms import siglip_rows
+    from infofuse.triton_kernels.info_nce_terms import siglip_rows
 
     check_triton_input(query, "chunked")
     scale, bias = scale.to(torch.float32), bias.to(torch.float32)
@@ -174,75 +206,138 @@ def _siglip_chunked_backward(grad_row, query, key, scale, bias, grad_query, grad
         if grad_query:
             torch.mm(s, key, out=gq[r0 : r0 + s.shape[0]])
         gk.add(s, q_chunk)
-    return (gq, gk.result(key), ds_rows.sum() if grad_scale else _empty(query),
-            db_rows.sum() if grad_bias else _empty(query))  # fmt: skip
+    return (
+        gq,
+        gk.result(key),
+        ds_rows.sum() if grad_scale else _empty(query),
+        db_rows.sum() if grad_bias else _empty(query),
+    )
 
 
 # ---------------------------------------------------------------- fused
 
 
-def _info_nce_fused_forward(query, key, scale, target, labels, key_labels, col_target, mode, exclude_self,
-                            want_cols):  # fmt: skip
-    from infofuse.triton_kernels.pair_fused import pair_fused_forward
+def _info_nce_fused_forward(query, key, scale, target, labels, key_labels, col_target, mode, exclude_self, want_cols):
+    from infofuse.triton_kernels.info_nce_fused import pair_fused_forward
 
     check_triton_input(query, "fused")
     supcon = mode == MODE_SUPCON
     scale = scale.to(torch.float32)
-    row_lse, row_loss = pair_fused_forward(query, key, scale, target=None if supcon else target, lab_row=labels,
-                                           lab_col=key_labels, exclude_self=exclude_self, supcon=supcon)  # fmt: skip
+    row_lse, row_loss = pair_fused_forward(
+        query,
+        key,
+        scale,
+        target=None if supcon else target,
+        lab_row=labels,
+        lab_col=key_labels,
+        exclude_self=exclude_self,
+        supcon=supcon,
+    )
     if not want_cols:
         return row_loss, row_lse, _empty(query), _empty(query)
-    col_lse, col_loss = pair_fused_forward(key, query, scale, target=col_target, lab_row=key_labels, lab_col=labels,
-                                           exclude_self=exclude_self)  # fmt: skip
+    col_lse, col_loss = pair_fused_forward(
+        key, query, scale, target=col_target, lab_row=key_labels, lab_col=labels, exclude_self=exclude_self
+    )
     return row_loss, row_lse, col_loss, col_lse
 
 
-def _info_nce_fused_backward(grad_row, grad_col, query, key, scale, target, labels, key_labels, col_target, row_lse,
-                             col_lse, mode, exclude_self, grad_query, grad_key, grad_scale):  # fmt: skip
-    from infofuse.triton_kernels.pair_fused import pair_fused_backward
+def _info_nce_fused_backward(
+    grad_row,
+    grad_col,
+    query,
+    key,
+    scale,
+    target,
+    labels,
+    key_labels,
+    col_target,
+    row_lse,
+    col_lse,
+    mode,
+    exclude_self,
+    grad_query,
+    grad_key,
+    grad_scale,
+):
+    from infofuse.triton_kernels.info_nce_fused import pair_fused_backward
 
     check_triton_input(query, "fused")
     supcon = mode == MODE_SUPCON
     gq, gk, gs, _ = pair_fused_backward(
-        query, key, scale.to(torch.float32), grad_row.to(torch.float32), target=None if supcon else target,
-        lab_row=labels, lab_col=key_labels, count=supcon_counts(labels, key_labels) if supcon else None,
-        row_lse=row_lse, col_target=col_target, col_lse=col_lse,
-        grad_col=None if grad_col is None else grad_col.to(torch.float32), exclude_self=exclude_self, supcon=supcon,
-        want_q=grad_query, want_k=grad_key, want_scale=grad_scale,
+        query,
+        key,
+        scale.to(torch.float32),
+        grad_row.to(torch.float32),
+        target=None if supcon else target,
+        lab_row=labels,
+        lab_col=key_labels,
+        count=supcon_counts(labels, key_labels) if supcon else None,
+        row_lse=row_lse,
+        col_target=col_target,
+        col_lse=col_lse,
+        grad_col=None if grad_col is None else grad_col.to(torch.float32),
+        exclude_self=exclude_self,
+        supcon=supcon,
+        want_q=grad_query,
+        want_k=grad_key,
+        want_scale=grad_scale,
         deterministic=torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
-    return (gq if gq is not None else _empty(query, query.dtype), gk if gk is not None else _empty(key, key.dtype),
-            gs if gs is not None else _empty(query))  # fmt: skip
+    )
+    return (
+        gq if gq is not None else _empty(query, query.dtype),
+        gk if gk is not None else _empty(key, key.dtype),
+        gs if gs is not None else _empty(query),
+    )
 
 
 def _siglip_fused_forward(query, key, scale, bias):
-    from infofuse.triton_kernels.pair_fused import pair_fused_forward
+    from infofuse.triton_kernels.info_nce_fused import pair_fused_forward
 
     check_triton_input(query, "fused")
     return pair_fused_forward(query, key, scale.to(torch.float32), bias=bias.to(torch.float32), siglip=True)[1]
 
 
 def _siglip_fused_backward(grad_row, query, key, scale, bias, grad_query, grad_key, grad_scale, grad_bias):
-    from infofuse.triton_kernels.pair_fused import pair_fused_backward
+    from infofuse.triton_kernels.info_nce_fused import pair_fused_backward
 
     check_triton_input(query, "fused")
     gq, gk, gs, gb = pair_fused_backward(
-        query, key, scale.to(torch.float32), grad_row.to(torch.float32), bias=bias.to(torch.float32), siglip=True,
-        want_q=grad_query, want_k=grad_key, want_scale=grad_scale, want_bias=grad_bias,
+        query,
+        key,
+        scale.to(torch.float32),
+        grad_row.to(torch.float32),
+        bias=bias.to(torch.float32),
+        siglip=True,
+        want_q=grad_query,
+        want_k=grad_key,
+        want_scale=grad_scale,
+        want_bias=grad_bias,
         deterministic=torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
-    return (gq if gq is not None else _empty(query, query.dtype), gk if gk is not None else _empty(key, key.dtype),
-            gs if gs is not None else _empty(query), gb if gb is not None else _empty(query))  # fmt: skip
+    )
+    return (
+        gq if gq is not None else _empty(query, query.dtype),
+        gk if gk is not None else _empty(key, key.dtype),
+        gs if gs is not None else _empty(query),
+        gb if gb is not None else _empty(query),
+    )
 
 
 _IMPLS = {
-    "chunked": (_info_nce_chunked_forward, _info_nce_chunked_backward, _siglip_chunked_forward,
-                _siglip_chunked_backward),
+    "chunked": (
+        _info_nce_chunked_forward,
+        _info_nce_chunked_backward,
+        _siglip_chunked_forward,
+        _siglip_chunked_backward,
+    ),
     "fused": (_info_nce_fused_forward, _info_nce_fused_backward, _siglip_fused_forward, _siglip_fused_backward),
-}  # fmt: skip
+}
 for _impl, (_nf, _nb, _sf, _sb) in _IMPLS.items():
-    for _name, _fn in ((f"info_nce_{_impl}_forward", _nf), (f"info_nce_{_impl}_backward", _nb),
-                       (f"siglip_{_impl}_forward", _sf), (f"siglip_{_impl}_backward", _sb)):  # fmt: skip
-        torch.library.impl(f"infofuse::{_name}", ("cpu", "cuda"), lib=_lib)(_fn)
+    for _name, _fn in (
+        (f"info_nce_{_impl}_forward", _nf),
+        (f"info_nce_{_impl}_backward", _nb),
+        (f"siglip_{_impl}_forward", _sf),
+        (f"siglip_{_impl}_backward", _sb),
+    ):
+        torch.library.impl(f"infofuse::{_name}", ("cpu", "cuda"), lib=LIB)(_fn)
     register_info_nce_pair(f"infofuse::info_nce_{_impl}_forward", f"infofuse::info_nce_{_impl}_backward")
     register_siglip_pair(f"infofuse::siglip_{_impl}_forward", f"infofuse::siglip_{_impl}_backward")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import cpp_available
+from ._library import LIB, define
 from ._triton_common import triton_usable
 
 KNN_SCHEMA = "{name}(Tensor x, Tensor y, int k, int metric, bool exclude_self) -> (Tensor distances, Tensor indices)"
@@ -136,8 +136,9 @@ def _gathered(xs, y, rows, k, metric, exclude_self, precision):
     from infofuse.triton_kernels.knn import knn_candidates
 
     kk = min(k + 1, y.shape[1]) if exclude_self else k
-    screened, cand, bound = knn_candidates(xs, y, kk, metric, False, direct=True if precision is None else None,
-                                           precision=precision or SCREEN_TIERS[0])  # fmt: skip
+    screened, cand, bound = knn_candidates(
+        xs, y, kk, metric, False, direct=True if precision is None else None, precision=precision or SCREEN_TIERS[0]
+    )
     if exclude_self:
         cand = cand.masked_fill(cand == rows[None, :, None], -1)  # the query itself: no candidate
     dist, idx = _rerank(xs, y, cand, k, metric)
@@ -173,17 +174,14 @@ def _knn_count_triton(x, radius, metric, strict):
     return knn_counts(x, radius, metric, strict)
 
 
-_lib = torch.library.Library("infofuse", "FRAGMENT")
-_lib.define(KNN_SCHEMA.format(name="knn_triton"))
-_lib.define(KNN_COUNT_SCHEMA.format(name="knn_count_triton"))
-torch.library.impl("infofuse::knn_triton", ("cpu", "cuda"), lib=_lib)(_knn_triton)
-torch.library.impl("infofuse::knn_count_triton", ("cpu", "cuda"), lib=_lib)(_knn_count_triton)
-torch.library.register_fake("infofuse::knn_triton")(_knn_fake)
-torch.library.register_fake("infofuse::knn_count_triton")(_knn_count_fake)
-
-if cpp_available() and hasattr(torch.ops.infofuse, "knn"):  # declared in csrc/infofuse.cpp
-    torch.library.register_fake("infofuse::knn")(_knn_fake)
-    torch.library.register_fake("infofuse::knn_count")(_knn_count_fake)
+# "knn" / "knn_count" are implemented by the C++ extension (csrc/cpu/knn.cpp, csrc/cuda/knn.cu), their "_triton"
+# twins here; all four share two schemas and two fake kernels.
+for _name in ("knn", "knn_triton"):
+    torch.library.register_fake(define(KNN_SCHEMA, _name))(_knn_fake)
+for _name in ("knn_count", "knn_count_triton"):
+    torch.library.register_fake(define(KNN_COUNT_SCHEMA, _name))(_knn_count_fake)
+torch.library.impl("infofuse::knn_triton", ("cpu", "cuda"), lib=LIB)(_knn_triton)
+torch.library.impl("infofuse::knn_count_triton", ("cpu", "cuda"), lib=LIB)(_knn_count_triton)
 
 
 def cuda_kernels_built() -> bool:

@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from .._ext import cpp_available
+from ._library import define
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -47,9 +47,21 @@ def _empty_like_flag(flag: bool, shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_fake(
-    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-    chunk_size, grad_input, grad_weight, grad_bias,
-):  # fmt: skip
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     n, d = input.shape
     v = linear_weight.shape[0]
     acc = _acc_dtype(input.dtype)
@@ -63,9 +75,24 @@ def _forward_fake(
 
 
 def _backward_fake(
-    grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
-    label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias,
-):  # fmt: skip
+    grad_loss,
+    grad_lse,
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    lse,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     n, d = input.shape
     v = linear_weight.shape[0]
     any_grad = grad_input or grad_weight or (grad_bias and linear_bias is not None)
@@ -127,9 +154,19 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
         if grad_loss is None:
             grad_loss = lse.new_zeros(() if p.reduction != 0 else lse.shape)
         gi, gw, gb = backward_op(
-            grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, *p.as_args(),
-            need_input, need_weight, need_bias,
-        )  # fmt: skip
+            grad_loss,
+            grad_lse,
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            lse,
+            *p.as_args(),
+            need_input,
+            need_weight,
+            need_bias,
+        )
     return (
         gi if need_input else None,
         gw if need_weight else None,
@@ -162,5 +199,7 @@ def register_pair(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
 
 
-if cpp_available():  # the C++ extension declares these two (csrc/infofuse.cpp) and implements them for CPU
-    register_pair("infofuse::linear_cross_entropy_forward", "infofuse::linear_cross_entropy_backward")
+# The C++ extension implements these two for CPU (csrc/cpu/linear_cross_entropy.cpp).
+register_pair(
+    define(FORWARD_SCHEMA, "linear_cross_entropy_forward"), define(BACKWARD_SCHEMA, "linear_cross_entropy_backward")
+)

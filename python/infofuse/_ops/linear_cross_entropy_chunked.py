@@ -1,9 +1,9 @@
 """The "chunked" linear cross-entropy: library GEMMs over row chunks with one Triton row pass between them.
 
 Per chunk of rows: ``Z = X_c Wᵀ (+ b)`` by ``torch.mm`` (cuBLAS on the GPU) into one reused buffer; the Triton
-row pass (``infofuse.triton_kernels.lce_rows``) reads it once for the lse and every loss term and writes the
-logits' gradient over it; then ``dX_c = G W`` and ``dW += Gᵀ X_c`` by ``torch.mm``/``addmm``. Nothing is read
-back to the host: the reduction's divisors stay on the device. On CPU tensors it runs only under
+row pass (``infofuse.triton_kernels.linear_cross_entropy_rows``) reads it once for the lse and every loss
+term and writes the logits' gradient over it; then ``dX_c = G W`` and ``dW += Gᵀ X_c`` by ``torch.mm``/``addmm``.
+Nothing is read back to the host: the reduction's divisors stay on the device. On CPU tensors it runs only under
 ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CI tests it.
 
 Registered as ``infofuse::linear_cross_entropy_chunked_forward`` / ``_backward`` with the schemas, fake kernels
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._library import LIB, define
 from ._triton_common import check_triton_input, prepare, reduce_loss
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
@@ -29,9 +30,8 @@ HALF_GRAD_WEIGHT_BLOCK = 4096
 # per chunk). bench/NOTES.md measures what the per-chunk rounding costs.
 FLOAT32_ACCUMULATOR_BYTES = 64 << 20
 
-_lib = torch.library.Library("infofuse", "FRAGMENT")
-_lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
-_lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
+define(FORWARD_SCHEMA, FORWARD.split("::")[1])
+define(BACKWARD_SCHEMA, BACKWARD.split("::")[1])
 
 
 def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int) -> int:
@@ -96,9 +96,24 @@ class _Grads:
         return self.gi, self.gw_out, gb
 
 
-def _run(input, linear_weight, target, linear_bias, weight, scales, opts, chunk_size, forward, lse, ce, zl,
-         grads, grad=None, lse_grad=None):  # fmt: skip
-    from infofuse.triton_kernels.lce_rows import lce_rows
+def _run(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    scales,
+    opts,
+    chunk_size,
+    forward,
+    lse,
+    ce,
+    zl,
+    grads,
+    grad=None,
+    lse_grad=None,
+):
+    from infofuse.triton_kernels.linear_cross_entropy_rows import linear_cross_entropy_rows
 
     n = input.shape[0]
     v = linear_weight.shape[0]
@@ -109,7 +124,7 @@ def _run(input, linear_weight, target, linear_bias, weight, scales, opts, chunk_
         z = buffer[: x_chunk.shape[0]]
         _logits(z, x_chunk, linear_weight, linear_bias)
         lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad)
-        lce_rows(z, r0, target, weight, scales, **opts, **lse_rows)
+        linear_cross_entropy_rows(z, r0, target, weight, scales, **opts, **lse_rows)
         if grads is not None:
             grads.add(z, x_chunk, linear_weight, r0)
 
@@ -118,9 +133,23 @@ def _options(ignore_index, label_smoothing, z_loss, softcap):
     return {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
 
 
-@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=_lib)
-def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-             softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=LIB)
+def _forward(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     check_triton_input(input, "chunked")
     n = input.shape[0]
     v = linear_weight.shape[0]
@@ -132,18 +161,48 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     rows = chunk_rows(n, v, input.element_size(), chunk_size)
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows) if want else None
     one = torch.ones(1, **f32)
-    _run(input, linear_weight, target, linear_bias, weight32, scales,
-         _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, True, lse, ce, zl, grads,
-         grad=one if want else None)  # fmt: skip
+    _run(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight32,
+        scales,
+        _options(ignore_index, label_smoothing, z_loss, softcap),
+        chunk_size,
+        True,
+        lse,
+        ce,
+        zl,
+        grads,
+        grad=one if want else None,
+    )
     loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     if grads is None:
         return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     return (loss, lse, *grads.result(input, linear_bias))
 
 
-@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=_lib)
-def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
-              label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)
+def _backward(
+    grad_loss,
+    grad_lse,
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    lse,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     check_triton_input(input, "chunked")
     v = linear_weight.shape[0]
     want_bias = grad_bias and linear_bias is not None
@@ -155,9 +214,23 @@ def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, we
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows)
     g = grad_loss.reshape(-1).to(torch.float32).contiguous()  # also materialises a stride-0 (expanded) grad
     g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(torch.float32).contiguous()
-    _run(input, linear_weight, target, linear_bias, weight32, scales,
-         _options(ignore_index, label_smoothing, z_loss, softcap), chunk_size, False, lse.contiguous(), None, None,
-         grads, grad=g, lse_grad=g_lse)  # fmt: skip
+    _run(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight32,
+        scales,
+        _options(ignore_index, label_smoothing, z_loss, softcap),
+        chunk_size,
+        False,
+        lse.contiguous(),
+        None,
+        None,
+        grads,
+        grad=g,
+        lse_grad=g_lse,
+    )
     return grads.result(input, linear_bias)
 
 

@@ -1,4 +1,6 @@
-"""The "fused" linear cross-entropy: Triton kernels that never hold a logit in memory (triton_kernels/lce_fused.py).
+"""The "fused" linear cross-entropy: Triton kernels that never hold a logit in memory.
+
+The kernels are in triton_kernels/linear_cross_entropy_fused.py.
 
 Forward: the fused lse kernel over vocabulary slices, then O(N) merges in PyTorch. Backward: per-row gradient
 coefficients (O(N), PyTorch), then two kernel passes that recompute the logit tiles, one summing dX rows over the
@@ -17,20 +19,36 @@ from __future__ import annotations
 
 import torch
 
+from ._library import LIB, define
 from ._triton_common import check_triton_input, prepare, reduce_loss, target_weight
 from .linear_cross_entropy import BACKWARD_SCHEMA, FORWARD_SCHEMA, register_pair
 
 FORWARD = "infofuse::linear_cross_entropy_fused_forward"
 BACKWARD = "infofuse::linear_cross_entropy_fused_backward"
 
-_lib = torch.library.Library("infofuse", "FRAGMENT")
-_lib.define(FORWARD_SCHEMA.format(name=FORWARD.split("::")[1]))
-_lib.define(BACKWARD_SCHEMA.format(name=BACKWARD.split("::")[1]))
+define(FORWARD_SCHEMA, FORWARD.split("::")[1])
+define(BACKWARD_SCHEMA, BACKWARD.split("::")[1])
 
 
-def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, grad_up, grad_lse, ignore_index,
-           label_smoothing, z_loss, softcap, want_dx, want_dw, want_db):  # fmt: skip
-    from infofuse.triton_kernels.lce_fused import default_filter_eps, lce_fused_grads
+def _grads(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight32,
+    scales,
+    lse,
+    grad_up,
+    grad_lse,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    want_dx,
+    want_dw,
+    want_db,
+):
+    from infofuse.triton_kernels.linear_cross_entropy_fused import default_filter_eps, lce_fused_grads
 
     v = linear_weight.shape[0]
     valid = target != ignore_index
@@ -47,20 +65,47 @@ def _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, gra
     c = g_ce * eps_v
     n = input.shape[0]
     a, b, c = (t.expand(n).contiguous() for t in (a, b, c))
-    dx, dw, db = lce_fused_grads(input, linear_weight, linear_bias, target, weight32, softcap, lse, a, b, c,
-                                 want_dx=want_dx, want_dw=want_dw, want_db=want_db,
-                                 deterministic=torch.are_deterministic_algorithms_enabled(),
-                                 filter_eps=default_filter_eps(input.dtype, label_smoothing))  # fmt: skip
+    dx, dw, db = lce_fused_grads(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight32,
+        softcap,
+        lse,
+        a,
+        b,
+        c,
+        want_dx=want_dx,
+        want_dw=want_dw,
+        want_db=want_db,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        filter_eps=default_filter_eps(input.dtype, label_smoothing),
+    )
     gi = dx if want_dx else input.new_empty((0,))
     gw = dw if want_dw else linear_weight.new_empty((0,))
     gb = db.to(linear_bias.dtype) if want_db else input.new_empty((0,))
     return gi, gw, gb
 
 
-@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=_lib)
-def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-             softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
-    from infofuse.triton_kernels.lce_fused import lce_fused_partials
+@torch.library.impl(FORWARD, ("cpu", "cuda"), lib=LIB)
+def _forward(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
+    from infofuse.triton_kernels.linear_cross_entropy_fused import lce_fused_partials
 
     check_triton_input(input, "fused")
     n, v = input.shape[0], linear_weight.shape[0]
@@ -83,22 +128,71 @@ def _forward(input, linear_weight, target, linear_bias, weight, reduction, ignor
     if reduction == 0 or not (grad_input or grad_weight or want_db):
         return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     one = torch.ones((), dtype=torch.float32, device=input.device)
-    grads = _grads(input, linear_weight, target, linear_bias, weight32, scales, lse, one, None, ignore_index,
-                   label_smoothing, z_loss, softcap, grad_input, grad_weight, want_db)  # fmt: skip
+    grads = _grads(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight32,
+        scales,
+        lse,
+        one,
+        None,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        grad_input,
+        grad_weight,
+        want_db,
+    )
     return (loss, lse, *grads)
 
 
-@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=_lib)
-def _backward(grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, lse, reduction, ignore_index,
-              label_smoothing, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):  # fmt: skip
+@torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)
+def _backward(
+    grad_loss,
+    grad_lse,
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    lse,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    chunk_size,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     check_triton_input(input, "fused")
     want_db = grad_bias and linear_bias is not None
     if not (grad_input or grad_weight or want_db):
         return input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
     target = target.contiguous()
     weight32, scales = prepare(target, weight, linear_weight.shape[0], ignore_index, reduction, input.device)
-    return _grads(input, linear_weight, target, linear_bias, weight32, scales, lse.contiguous(), grad_loss, grad_lse,
-                  ignore_index, label_smoothing, z_loss, softcap, grad_input, grad_weight, want_db)  # fmt: skip
+    return _grads(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight32,
+        scales,
+        lse.contiguous(),
+        grad_loss,
+        grad_lse,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        grad_input,
+        grad_weight,
+        want_db,
+    )
 
 
 register_pair(FORWARD, BACKWARD)

@@ -19,19 +19,37 @@ import triton.language as tl
 
 from ._common import softcapped
 
-__all__ = ["lce_rows"]
+__all__ = ["linear_cross_entropy_rows"]
 
 
 @triton.jit
 def _lce_rows_kernel(
-    z_ptr, target_ptr, weight_ptr, scale_ptr, grad_ptr, lse_grad_ptr,
-    lse_ptr, ce_ptr, zl_ptr,
-    row0, V, stride_zn, stride_zv, stride_grad,
-    ignore_index, eps, z_loss, softcap,
+    z_ptr,
+    target_ptr,
+    weight_ptr,
+    scale_ptr,
+    grad_ptr,
+    lse_grad_ptr,
+    lse_ptr,
+    ce_ptr,
+    zl_ptr,
+    row0,
+    V,
+    stride_zn,
+    stride_zv,
+    stride_grad,
+    ignore_index,
+    eps,
+    z_loss,
+    softcap,
     # meta-parameters
-    FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_LSE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    FORWARD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_LSE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     i = tl.program_id(0).to(tl.int64)
     row = row0 + i
     weight_all = tl.load(scale_ptr + 2)  # Σ_j w_j (V without class weights)
@@ -97,7 +115,7 @@ def _lce_rows_kernel(
             tl.store(z_row + cols * stride_zv, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def lce_rows(
+def linear_cross_entropy_rows(
     z: torch.Tensor,
     row0: int,
     target: torch.Tensor,
@@ -142,11 +160,29 @@ def lce_rows(
     block_v = min(2048 if z.is_cuda else 256, triton.next_power_of_2(v))
     num_warps = 8 if z.is_cuda else 1
     _lce_rows_kernel[(rows,)](
-        z, target, weight if weight is not None else dummy, scales,
-        grad if grad is not None else dummy, lse_grad if lse_grad is not None else dummy,
-        lse, ce if ce is not None else dummy, zl if zl is not None else dummy,
-        row0, v, z.stride(0), z.stride(1), stride_grad,
-        ignore_index, float(label_smoothing), float(z_loss), float(softcap) if softcap else 1.0,
-        FORWARD=forward, WRITE_GRAD=grad is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
-        HAS_LSE_GRAD=lse_grad is not None, BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
+        z,
+        target,
+        weight if weight is not None else dummy,
+        scales,
+        grad if grad is not None else dummy,
+        lse_grad if lse_grad is not None else dummy,
+        lse,
+        ce if ce is not None else dummy,
+        zl if zl is not None else dummy,
+        row0,
+        v,
+        z.stride(0),
+        z.stride(1),
+        stride_grad,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        float(softcap) if softcap else 1.0,
+        FORWARD=forward,
+        WRITE_GRAD=grad is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_SOFTCAP=bool(softcap),
+        HAS_LSE_GRAD=lse_grad is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )

@@ -7,7 +7,7 @@ SupCon), or the sum of SigLIP's softplus terms. The column problem of a symmetri
 (key, query). O(N) floats out.
 
 Backward (``pair_fused_backward``): two passes recompute the score tiles and form dLoss/dz from the saved
-log-sum-exps (``pair_terms.pair_grad_terms`` / ``siglip_terms``): one owns blocks of dQ rows and walks the keys,
+log-sum-exps (``info_nce_terms.pair_grad_terms`` / ``siglip_terms``): one owns blocks of dQ rows and walks the keys,
 adding ``scale·G·K``, the other owns blocks of dK rows and walks the queries, adding ``scale·Gᵀ·Q``; the first
 also sums the scale's (and SigLIP's bias's) gradient. Accumulation in float32: into the gradient itself for
 float32, else into a float32 (rows × D) buffer rounded once. Programs of one output block split the other
@@ -24,18 +24,39 @@ import triton
 import triton.language as tl
 
 from ._common import dot_block, logit_tile
-from .pair_terms import pair_grad_terms, pair_masks, siglip_terms
+from .info_nce_terms import pair_grad_terms, pair_masks, siglip_terms
 
 __all__ = ["pair_fused_backward", "pair_fused_forward"]
 
 
 @triton.jit
 def _pair_fused_fwd_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, target_ptr, lab_row_ptr, lab_col_ptr, lse_ptr, loss_ptr,
-    N, M, D, stride_qn, stride_qd, stride_km, stride_kd,
-    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr, SIGLIP: tl.constexpr,
-    IEEE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    bias_ptr,
+    target_ptr,
+    lab_row_ptr,
+    lab_col_ptr,
+    lse_ptr,
+    loss_ptr,
+    N,
+    M,
+    D,
+    stride_qn,
+    stride_qd,
+    stride_km,
+    stride_kd,
+    EXCLUDE_SELF: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SUPCON: tl.constexpr,
+    SIGLIP: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
@@ -56,8 +77,26 @@ def _pair_fused_fwd_kernel(
     for c0 in range(0, M, BLOCK_M):
         cols = c0 + tl.arange(0, BLOCK_M).to(tl.int64)
         col_mask = cols < M
-        z = scale * logit_tile(q_ptr, k_ptr, q_ptr, rows, cols, row_mask, col_mask, D, stride_qn, stride_qd,
-                               stride_km, stride_kd, False, IEEE, DOT_F32, BLOCK_N, BLOCK_M, BLOCK_D)  # fmt: skip
+        z = scale * logit_tile(
+            q_ptr,
+            k_ptr,
+            q_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_qn,
+            stride_qd,
+            stride_km,
+            stride_kd,
+            False,
+            IEEE,
+            DOT_F32,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_D,
+        )
         valid = row_mask[:, None] & col_mask[None, :]
         if SIGLIP:
             term, _ = siglip_terms(z, rows[:, None], cols[None, :], valid, bias)
@@ -66,8 +105,17 @@ def _pair_fused_fwd_kernel(
             lab_j = cols * 0
             if HAS_LABELS or SUPCON:
                 lab_j = tl.load(lab_col_ptr + cols, mask=col_mask, other=0)
-            allowed, positive = pair_masks(rows[:, None], cols[None, :], valid, t_i[:, None], lab_i[:, None],
-                                           lab_j[None, :], EXCLUDE_SELF, HAS_LABELS, SUPCON)  # fmt: skip
+            allowed, positive = pair_masks(
+                rows[:, None],
+                cols[None, :],
+                valid,
+                t_i[:, None],
+                lab_i[:, None],
+                lab_j[None, :],
+                EXCLUDE_SELF,
+                HAS_LABELS,
+                SUPCON,
+            )
             zm = tl.where(allowed, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -89,14 +137,44 @@ def _pair_fused_fwd_kernel(
 
 @triton.jit
 def _pair_fused_bwd_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, target_ptr, lab_row_ptr, lab_col_ptr, count_ptr, row_lse_ptr, grad_row_ptr,
-    col_target_ptr, col_lse_ptr, grad_col_ptr, out_ptr, ds_ptr, db_ptr,
-    N, M, D, stride_qn, stride_qd, stride_km, stride_kd,
-    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr, SIGLIP: tl.constexpr,
-    HAS_COLS: tl.constexpr, OWN_ROWS: tl.constexpr, WANT_OUT: tl.constexpr, WANT_DS: tl.constexpr,
-    ATOMIC: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    bias_ptr,
+    target_ptr,
+    lab_row_ptr,
+    lab_col_ptr,
+    count_ptr,
+    row_lse_ptr,
+    grad_row_ptr,
+    col_target_ptr,
+    col_lse_ptr,
+    grad_col_ptr,
+    out_ptr,
+    ds_ptr,
+    db_ptr,
+    N,
+    M,
+    D,
+    stride_qn,
+    stride_qd,
+    stride_km,
+    stride_kd,
+    EXCLUDE_SELF: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SUPCON: tl.constexpr,
+    SIGLIP: tl.constexpr,
+    HAS_COLS: tl.constexpr,
+    OWN_ROWS: tl.constexpr,
+    WANT_OUT: tl.constexpr,
+    WANT_DS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Program (b, s) of (·, S) owns block b of dQ rows (OWN_ROWS) or of dK rows and takes the blocks s, s + S, …
     of the other dimension. WANT_DS: also Σ G∘raw (and Σ G for SigLIP) per owned row, into ds_ptr/db_ptr."""
     pid = tl.program_id(0).to(tl.int64)
@@ -119,8 +197,26 @@ def _pair_fused_bwd_kernel(
         row_mask = rows < N
         col_mask = cols < M
         valid = row_mask[:, None] & col_mask[None, :]
-        raw = logit_tile(q_ptr, k_ptr, q_ptr, rows, cols, row_mask, col_mask, D, stride_qn, stride_qd, stride_km,
-                         stride_kd, False, IEEE, DOT_F32, BLOCK_N, BLOCK_M, BLOCK_D)  # fmt: skip
+        raw = logit_tile(
+            q_ptr,
+            k_ptr,
+            q_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_qn,
+            stride_qd,
+            stride_km,
+            stride_kd,
+            False,
+            IEEE,
+            DOT_F32,
+            BLOCK_N,
+            BLOCK_M,
+            BLOCK_D,
+        )
         g_i = tl.load(grad_row_ptr + rows, mask=row_mask, other=0.0)
         if SIGLIP:
             _, dz = siglip_terms(raw * scale, rows[:, None], cols[None, :], valid, bias)
@@ -147,9 +243,25 @@ def _pair_fused_bwd_kernel(
                 ct_j = tl.load(col_target_ptr + cols, mask=col_mask, other=-1)
                 lse_j = tl.load(col_lse_ptr + cols, mask=col_mask, other=0.0)
                 g_j = tl.load(grad_col_ptr + cols, mask=col_mask, other=0.0)
-            g = pair_grad_terms(raw * scale, rows[:, None], cols[None, :], valid, t_i[:, None], lab_i[:, None],
-                                lab_j[None, :], lse_i[:, None], g_i[:, None], inv_count[:, None], ct_j[None, :],
-                                lse_j[None, :], g_j[None, :], EXCLUDE_SELF, HAS_LABELS, SUPCON, HAS_COLS)  # fmt: skip
+            g = pair_grad_terms(
+                raw * scale,
+                rows[:, None],
+                cols[None, :],
+                valid,
+                t_i[:, None],
+                lab_i[:, None],
+                lab_j[None, :],
+                lse_i[:, None],
+                g_i[:, None],
+                inv_count[:, None],
+                ct_j[None, :],
+                lse_j[None, :],
+                g_j[None, :],
+                EXCLUDE_SELF,
+                HAS_LABELS,
+                SUPCON,
+                HAS_COLS,
+            )
         if WANT_DS:
             if OWN_ROWS:
                 own = rows
@@ -176,13 +288,15 @@ def _pair_fused_bwd_kernel(
             ds_cols = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds_cols < D
             if OWN_ROWS:
-                part = dot_block(g_in, k_ptr, cols, col_mask, ds_cols, d_mask, stride_km, stride_kd, False, IEEE,
-                                 DOT_F32)  # fmt: skip
+                part = dot_block(
+                    g_in, k_ptr, cols, col_mask, ds_cols, d_mask, stride_km, stride_kd, False, IEEE, DOT_F32
+                )
                 ptrs = out_ptr + rows[:, None] * D + ds_cols[None, :]
                 mask = row_mask[:, None] & d_mask[None, :]
             else:
-                part = dot_block(g_in, q_ptr, rows, row_mask, ds_cols, d_mask, stride_qn, stride_qd, True, IEEE,
-                                 DOT_F32)  # fmt: skip
+                part = dot_block(
+                    g_in, q_ptr, rows, row_mask, ds_cols, d_mask, stride_qn, stride_qd, True, IEEE, DOT_F32
+                )
                 ptrs = out_ptr + cols[:, None] * D + ds_cols[None, :]
                 mask = col_mask[:, None] & d_mask[None, :]
             if ATOMIC:
@@ -199,12 +313,18 @@ def _meta(x: torch.Tensor) -> dict:
 
 
 def _flags(q, exclude_self, has_labels, supcon, siglip):
-    return {"EXCLUDE_SELF": exclude_self, "HAS_LABELS": has_labels and not supcon, "SUPCON": supcon,
-            "SIGLIP": siglip, "IEEE": q.dtype == torch.float32}  # fmt: skip
+    return {
+        "EXCLUDE_SELF": exclude_self,
+        "HAS_LABELS": has_labels and not supcon,
+        "SUPCON": supcon,
+        "SIGLIP": siglip,
+        "IEEE": q.dtype == torch.float32,
+    }
 
 
-def pair_fused_forward(q, k, scale, *, bias=None, target=None, lab_row=None, lab_col=None, exclude_self=False,
-                       supcon=False, siglip=False):  # fmt: skip
+def pair_fused_forward(
+    q, k, scale, *, bias=None, target=None, lab_row=None, lab_col=None, exclude_self=False, supcon=False, siglip=False
+):
     """(lse, loss) per query row (InfoNCE/SupCon; lse is None for SigLIP), float32."""
     n, d = q.shape
     m = k.shape[0]
@@ -216,18 +336,52 @@ def pair_fused_forward(q, k, scale, *, bias=None, target=None, lab_row=None, lab
     meta = _meta(q)
     any_ = loss
     _pair_fused_fwd_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-        q, k, scale, bias if bias is not None else scale, target if target is not None else any_,
-        lab_row if lab_row is not None else any_, lab_col if lab_col is not None else any_,
-        lse if lse is not None else any_, loss, n, m, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        **_flags(q, exclude_self, lab_row is not None, supcon, siglip), **meta,
-    )  # fmt: skip
+        q,
+        k,
+        scale,
+        bias if bias is not None else scale,
+        target if target is not None else any_,
+        lab_row if lab_row is not None else any_,
+        lab_col if lab_col is not None else any_,
+        lse if lse is not None else any_,
+        loss,
+        n,
+        m,
+        d,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        **_flags(q, exclude_self, lab_row is not None, supcon, siglip),
+        **meta,
+    )
     return lse, loss
 
 
-def pair_fused_backward(q, k, scale, grad_row, *, bias=None, target=None, lab_row=None, lab_col=None, count=None,
-                        row_lse=None, col_target=None, col_lse=None, grad_col=None, exclude_self=False, supcon=False,
-                        siglip=False, want_q=True, want_k=True, want_scale=False, want_bias=False,
-                        deterministic=False):  # fmt: skip
+def pair_fused_backward(
+    q,
+    k,
+    scale,
+    grad_row,
+    *,
+    bias=None,
+    target=None,
+    lab_row=None,
+    lab_col=None,
+    count=None,
+    row_lse=None,
+    col_target=None,
+    col_lse=None,
+    grad_col=None,
+    exclude_self=False,
+    supcon=False,
+    siglip=False,
+    want_q=True,
+    want_k=True,
+    want_scale=False,
+    want_bias=False,
+    deterministic=False,
+):
     """(dQ, dK, d(scale), d(bias)) in q's/k's dtype and float32 scalars; None where not wanted."""
     n, d = q.shape
     m = k.shape[0]
@@ -239,11 +393,21 @@ def pair_fused_backward(q, k, scale, grad_row, *, bias=None, target=None, lab_ro
     flags = _flags(q, exclude_self, lab_row is not None, supcon, siglip)
     programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     dummy = grad_row
-    tensors = (q, k, scale, bias if bias is not None else scale, target if target is not None else dummy,
-               lab_row if lab_row is not None else dummy, lab_col if lab_col is not None else dummy,
-               count if count is not None else dummy, row_lse if row_lse is not None else dummy, grad_row,
-               col_target if col_target is not None else dummy, col_lse if col_lse is not None else dummy,
-               grad_col if grad_col is not None else dummy)  # fmt: skip
+    tensors = (
+        q,
+        k,
+        scale,
+        bias if bias is not None else scale,
+        target if target is not None else dummy,
+        lab_row if lab_row is not None else dummy,
+        lab_col if lab_col is not None else dummy,
+        count if count is not None else dummy,
+        row_lse if row_lse is not None else dummy,
+        grad_row,
+        col_target if col_target is not None else dummy,
+        col_lse if col_lse is not None else dummy,
+        grad_col if grad_col is not None else dummy,
+    )
     passes = [("q", True, n, meta["BLOCK_N"], m, meta["BLOCK_M"]), ("k", False, m, meta["BLOCK_M"], n, meta["BLOCK_N"])]
     for name, own_rows, total, block, inner, inner_block in passes:
         out = outs[name]
@@ -258,11 +422,25 @@ def pair_fused_backward(q, k, scale, grad_row, *, bias=None, target=None, lab_ro
         n_inner = triton.cdiv(inner, inner_block)
         split = 1 if deterministic else max(1, min(n_inner, triton.cdiv(programs, owned)))
         _pair_fused_bwd_kernel[(owned, split)](
-            *tensors, acc if acc is not None else dummy, ds_scale if take_ds else dummy,
-            db_scale if take_ds and siglip else dummy, n, m, d, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            HAS_COLS=grad_col is not None, OWN_ROWS=own_rows, WANT_OUT=out is not None, WANT_DS=take_ds,
-            ATOMIC=split > 1, **flags, **meta,
-        )  # fmt: skip
+            *tensors,
+            acc if acc is not None else dummy,
+            ds_scale if take_ds else dummy,
+            db_scale if take_ds and siglip else dummy,
+            n,
+            m,
+            d,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            HAS_COLS=grad_col is not None,
+            OWN_ROWS=own_rows,
+            WANT_OUT=out is not None,
+            WANT_DS=take_ds,
+            ATOMIC=split > 1,
+            **flags,
+            **meta,
+        )
         if acc is not None and acc is not out:
             out.copy_(acc)
         if take_ds:

@@ -29,15 +29,34 @@ __all__ = ["lce_fused_grads", "lce_fused_partials"]
 
 @triton.jit
 def _lce_fused_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr,
-    m_ptr, s_ptr, zt_ptr, wz_ptr,
-    N, V, D, v_per_split,
-    stride_xn, stride_xd, stride_wv, stride_wd,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    target_ptr,
+    weight_ptr,
+    m_ptr,
+    s_ptr,
+    zt_ptr,
+    wz_ptr,
+    N,
+    V,
+    D,
+    v_per_split,
+    stride_xn,
+    stride_xd,
+    stride_wv,
+    stride_wd,
     softcap,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_n = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -52,8 +71,26 @@ def _lce_fused_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < v_end
-        z = logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
-                        stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+        z = logit_tile(
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_wv,
+            stride_wd,
+            HAS_BIAS,
+            IEEE,
+            DOT_F32,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_max, axis=1))
@@ -74,14 +111,55 @@ def _lce_fused_fwd_kernel(
 
 @triton.jit
 def _grad_tile(
-    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
-    rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    target_ptr,
+    weight_ptr,
+    lse_ptr,
+    a_ptr,
+    b_coef_ptr,
+    c_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_wv,
+    stride_wd,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dLoss/dlogits on one (BLOCK_N × BLOCK_V) tile, recomputed from the logits; 0 outside the masks."""
-    z = logit_tile(x_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, stride_wv,
-                    stride_wd, HAS_BIAS, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+    z = logit_tile(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        D,
+        stride_xn,
+        stride_xd,
+        stride_wv,
+        stride_wd,
+        HAS_BIAS,
+        IEEE,
+        DOT_F32,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
     z = softcapped(z, softcap, HAS_SOFTCAP)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -102,17 +180,46 @@ def _grad_tile(
 
 @triton.jit
 def _lce_fused_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr,
-    out_ptr, db_ptr, count_ptr,
-    N, V, D, own0, own_end, stride_out,
-    stride_xn, stride_xd, stride_wv, stride_wd,
-    softcap, filter_eps,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    target_ptr,
+    weight_ptr,
+    lse_ptr,
+    a_ptr,
+    b_coef_ptr,
+    c_ptr,
+    out_ptr,
+    db_ptr,
+    count_ptr,
+    N,
+    V,
+    D,
+    own0,
+    own_end,
+    stride_out,
+    stride_xn,
+    stride_xd,
+    stride_wv,
+    stride_wd,
+    softcap,
+    filter_eps,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-    OWN_ROWS: tl.constexpr, WANT_OUT: tl.constexpr, WANT_DB: tl.constexpr, FILTER: tl.constexpr,
-    COUNT: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    IEEE: tl.constexpr,
+    OWN_ROWS: tl.constexpr,
+    WANT_OUT: tl.constexpr,
+    WANT_DB: tl.constexpr,
+    FILTER: tl.constexpr,
+    COUNT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Each program owns one block of output rows in [own0, own_end) and walks a share of the other dimension.
 
     OWN_ROWS: BLOCK_N rows of dX, walking the vocabulary; else BLOCK_V rows of dW (and db), walking the rows.
@@ -139,15 +246,42 @@ def _lce_fused_bwd_kernel(
             cols = own0 + pid * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
             row_mask = rows < N
             col_mask = cols < own_end
-        g = _grad_tile(x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, lse_ptr, a_ptr, b_coef_ptr, c_ptr, rows, cols,
-                       row_mask, col_mask, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, HAS_BIAS,
-                       HAS_WEIGHT, HAS_SOFTCAP, IEEE, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_D)  # fmt: skip
+        g = _grad_tile(
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            target_ptr,
+            weight_ptr,
+            lse_ptr,
+            a_ptr,
+            b_coef_ptr,
+            c_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_wv,
+            stride_wd,
+            softcap,
+            HAS_BIAS,
+            HAS_WEIGHT,
+            HAS_SOFTCAP,
+            IEEE,
+            DOT_F32,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         if not OWN_ROWS and WANT_DB:  # never filtered: a row sum of the tile is cheap
             if ATOMIC:
                 tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
             else:
-                tl.store(db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + tl.sum(g, axis=0),
-                         mask=col_mask)  # fmt: skip
+                tl.store(
+                    db_ptr + cols, tl.load(db_ptr + cols, mask=col_mask, other=0.0) + tl.sum(g, axis=0), mask=col_mask
+                )
         keep = True
         if FILTER:
             a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
@@ -161,13 +295,13 @@ def _lce_fused_bwd_kernel(
                 ds = d0 + tl.arange(0, BLOCK_D)
                 d_mask = ds < D
                 if OWN_ROWS:
-                    part = dot_block(g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE,
-                                      DOT_F32)  # fmt: skip
+                    part = dot_block(
+                        g_in, w_ptr, cols, col_mask, ds, d_mask, stride_wv, stride_wd, False, IEEE, DOT_F32
+                    )
                     ptrs = out_ptr + (rows - own0)[:, None] * stride_out + ds[None, :]
                     mask = row_mask[:, None] & d_mask[None, :]
                 else:
-                    part = dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE,
-                                      DOT_F32)  # fmt: skip
+                    part = dot_block(g_in, x_ptr, rows, row_mask, ds, d_mask, stride_xn, stride_xd, True, IEEE, DOT_F32)
                     ptrs = out_ptr + (cols - own0)[:, None] * stride_out + ds[None, :]
                     mask = col_mask[:, None] & d_mask[None, :]
                 if ATOMIC:
@@ -201,12 +335,27 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
     out = [torch.empty((splits, n), dtype=torch.float32, device=x.device) for _ in range(4)]
     grid = (triton.cdiv(n, meta["BLOCK_N"]), splits)
     _lce_fused_fwd_kernel[grid](
-        x, w, b if b is not None else x, target, weight if weight is not None else x,
-        *out, n, v, d, v_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        x,
+        w,
+        b if b is not None else x,
+        target,
+        weight if weight is not None else x,
+        *out,
+        n,
+        v,
+        d,
+        v_per_split,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
         float(softcap) if softcap else 1.0,
-        HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SOFTCAP=bool(softcap),
-        IEEE=x.dtype == torch.float32, **meta,
-    )  # fmt: skip
+        HAS_BIAS=b is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_SOFTCAP=bool(softcap),
+        IEEE=x.dtype == torch.float32,
+        **meta,
+    )
     return out
 
 
@@ -223,8 +372,25 @@ def default_filter_eps(dtype: torch.dtype, label_smoothing: float) -> float:
     return torch.finfo(dtype).eps / 32  # eps = 2·unit roundoff
 
 
-def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_c, *, want_dx, want_dw, want_db,
-                    deterministic=False, filter_eps=0.0, counts=None):  # fmt: skip
+def lce_fused_grads(
+    x,
+    w,
+    b,
+    target,
+    weight,
+    softcap,
+    lse,
+    coef_a,
+    coef_b,
+    coef_c,
+    *,
+    want_dx,
+    want_dw,
+    want_db,
+    deterministic=False,
+    filter_eps=0.0,
+    counts=None,
+):
     """(grad_input, grad_weight, grad_bias) from per-row coefficients (None where not wanted).
 
     Two passes, each recomputing the logits: one owns dX row blocks and walks the vocabulary, one owns dW row
@@ -245,10 +411,15 @@ def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_
             if out is not None:
                 out.zero_()
         return dx, dw, db
-    common = (x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b,
-              coef_c)  # fmt: skip
-    flags = {"HAS_BIAS": b is not None, "HAS_WEIGHT": weight is not None, "HAS_SOFTCAP": bool(softcap),
-             "IEEE": x.dtype == torch.float32, "COUNT": counts is not None, **meta}  # fmt: skip
+    common = (x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b, coef_c)
+    flags = {
+        "HAS_BIAS": b is not None,
+        "HAS_WEIGHT": weight is not None,
+        "HAS_SOFTCAP": bool(softcap),
+        "IEEE": x.dtype == torch.float32,
+        "COUNT": counts is not None,
+        **meta,
+    }
     scalars = (*(x.stride(0), x.stride(1), w.stride(0), w.stride(1)), float(softcap) if softcap else 1.0)
     programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     passes = []
@@ -270,11 +441,25 @@ def lce_fused_grads(x, w, b, target, weight, softcap, lse, coef_a, coef_b, coef_
             owned = triton.cdiv(m, block)
             split = 1 if deterministic else max(1, min(n_inner, triton.cdiv(programs, owned)))
             _lce_fused_bwd_kernel[(owned, split)](
-                *common, target_acc if target_acc is not None else lse, db if db is not None else lse,
-                counts if counts is not None else lse, n, v, d, own0, own0 + m, d, *scalars,
-                float(filter_eps), OWN_ROWS=own_rows, WANT_OUT=out is not None, WANT_DB=not own_rows and want_db,
-                FILTER=use_filter, ATOMIC=split > 1, **flags,
-            )  # fmt: skip
+                *common,
+                target_acc if target_acc is not None else lse,
+                db if db is not None else lse,
+                counts if counts is not None else lse,
+                n,
+                v,
+                d,
+                own0,
+                own0 + m,
+                d,
+                *scalars,
+                float(filter_eps),
+                OWN_ROWS=own_rows,
+                WANT_OUT=out is not None,
+                WANT_DB=not own_rows and want_db,
+                FILTER=use_filter,
+                ATOMIC=split > 1,
+                **flags,
+            )
             if not direct and out is not None:
                 out[own0 : own0 + m].copy_(acc[:m])
     return dx, dw, db

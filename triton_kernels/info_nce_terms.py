@@ -22,8 +22,9 @@ __all__ = ["pair_grad_rows", "pair_grad_terms", "pair_lse_rows", "pair_masks", "
 
 
 @triton.jit
-def pair_masks(i, j, valid, t_i, lab_i, lab_j, EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr,
-               SUPCON: tl.constexpr):  # fmt: skip
+def pair_masks(
+    i, j, valid, t_i, lab_i, lab_j, EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr
+):
     """(allowed, positive) for broadcast-compatible row indices i and column indices j (int64)."""
     if SUPCON:
         allowed = valid & (i != j)
@@ -40,9 +41,25 @@ def pair_masks(i, j, valid, t_i, lab_i, lab_j, EXCLUDE_SELF: tl.constexpr, HAS_L
 
 
 @triton.jit
-def pair_grad_terms(z, i, j, valid, t_i, lab_i, lab_j, lse_i, g_i, inv_count_i, ct_j, lse_j, g_j,
-                    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr,
-                    HAS_COLS: tl.constexpr):  # fmt: skip
+def pair_grad_terms(
+    z,
+    i,
+    j,
+    valid,
+    t_i,
+    lab_i,
+    lab_j,
+    lse_i,
+    g_i,
+    inv_count_i,
+    ct_j,
+    lse_j,
+    g_j,
+    EXCLUDE_SELF: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SUPCON: tl.constexpr,
+    HAS_COLS: tl.constexpr,
+):
     """dLoss/dz: g_i·(allowed·e^{z − lse_i} − positive/|P|) (+ g_j·(allowed·e^{z − lse_j} − [i = ct_j])); 0 off
     ``valid``. For InfoNCE inv_count_i is 1."""
     allowed, positive = pair_masks(i, j, valid, t_i, lab_i, lab_j, EXCLUDE_SELF, HAS_LABELS, SUPCON)
@@ -64,9 +81,21 @@ def siglip_terms(z, i, j, valid, bias):
 
 @triton.jit
 def _pair_lse_rows_kernel(
-    s_ptr, stride_s, scale_ptr, target_ptr, lab_row_ptr, lab_col_ptr, lse_ptr, loss_ptr, r0, M,
-    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    s_ptr,
+    stride_s,
+    scale_ptr,
+    target_ptr,
+    lab_row_ptr,
+    lab_col_ptr,
+    lse_ptr,
+    loss_ptr,
+    r0,
+    M,
+    EXCLUDE_SELF: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SUPCON: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """One program per chunk row: online lse over the allowed columns, and the row's loss."""
     r = tl.program_id(0).to(tl.int64)
     i = r0 + r
@@ -107,11 +136,27 @@ def _pair_lse_rows_kernel(
 
 @triton.jit
 def _pair_grad_rows_kernel(
-    s_ptr, stride_s, scale_ptr, target_ptr, lab_row_ptr, lab_col_ptr, count_ptr, row_lse_ptr, grad_row_ptr,
-    col_target_ptr, col_lse_ptr, grad_col_ptr, ds_ptr, r0, M,
-    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, SUPCON: tl.constexpr, HAS_COLS: tl.constexpr,
+    s_ptr,
+    stride_s,
+    scale_ptr,
+    target_ptr,
+    lab_row_ptr,
+    lab_col_ptr,
+    count_ptr,
+    row_lse_ptr,
+    grad_row_ptr,
+    col_target_ptr,
+    col_lse_ptr,
+    grad_col_ptr,
+    ds_ptr,
+    r0,
+    M,
+    EXCLUDE_SELF: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    SUPCON: tl.constexpr,
+    HAS_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):  # fmt: skip
+):
     """One program per chunk row: replaces raw scores q_i·k_j by scale·dLoss/dz_ij in place and writes
     Σ_j dLoss/dz_ij·raw_ij (that row's share of the scale's gradient)."""
     r = tl.program_id(0).to(tl.int64)
@@ -146,8 +191,25 @@ def _pair_grad_rows_kernel(
             ct_j = tl.load(col_target_ptr + j, mask=valid, other=-1)
             lse_j = tl.load(col_lse_ptr + j, mask=valid, other=0.0)
             g_j = tl.load(grad_col_ptr + j, mask=valid, other=0.0)
-        g = pair_grad_terms(raw * scale, i, j, valid, t_i, lab_i, lab_j, lse_i, g_i, inv_count, ct_j, lse_j, g_j,
-                            EXCLUDE_SELF, HAS_LABELS, SUPCON, HAS_COLS)  # fmt: skip
+        g = pair_grad_terms(
+            raw * scale,
+            i,
+            j,
+            valid,
+            t_i,
+            lab_i,
+            lab_j,
+            lse_i,
+            g_i,
+            inv_count,
+            ct_j,
+            lse_j,
+            g_j,
+            EXCLUDE_SELF,
+            HAS_LABELS,
+            SUPCON,
+            HAS_COLS,
+        )
         ds += tl.sum(g * raw, axis=0)
         tl.store(ptrs, (g * scale).to(s_ptr.dtype.element_ty), mask=valid)
     tl.store(ds_ptr + i, ds)
@@ -155,9 +217,19 @@ def _pair_grad_rows_kernel(
 
 @triton.jit
 def _siglip_rows_kernel(
-    s_ptr, stride_s, scale_ptr, bias_ptr, grad_row_ptr, loss_ptr, ds_ptr, db_ptr, r0, M,
-    FORWARD: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    s_ptr,
+    stride_s,
+    scale_ptr,
+    bias_ptr,
+    grad_row_ptr,
+    loss_ptr,
+    ds_ptr,
+    db_ptr,
+    r0,
+    M,
+    FORWARD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """One program per chunk row. FORWARD: the row's loss; else scale·dLoss/dz in place of the raw scores and the
     row's shares of the scale's and the bias's gradients."""
     r = tl.program_id(0).to(tl.int64)
@@ -205,24 +277,67 @@ def pair_lse_rows(s, r0, scale, target, lab_row, lab_col, lse, loss, *, exclude_
     if s.shape[0] == 0:
         return
     _pair_lse_rows_kernel[(s.shape[0],)](
-        s, s.stride(0), scale, _dummy(target, lse), _dummy(lab_row, lse), _dummy(lab_col, lse), lse, loss, r0,
-        s.shape[1], EXCLUDE_SELF=exclude_self, HAS_LABELS=lab_row is not None and not supcon, SUPCON=supcon,
+        s,
+        s.stride(0),
+        scale,
+        _dummy(target, lse),
+        _dummy(lab_row, lse),
+        _dummy(lab_col, lse),
+        lse,
+        loss,
+        r0,
+        s.shape[1],
+        EXCLUDE_SELF=exclude_self,
+        HAS_LABELS=lab_row is not None and not supcon,
+        SUPCON=supcon,
         **_block_m(s),
-    )  # fmt: skip
+    )
 
 
-def pair_grad_rows(s, r0, scale, target, lab_row, lab_col, count, row_lse, grad_row, col_target, col_lse, grad_col,
-                   ds_rows, *, exclude_self, supcon):  # fmt: skip
+def pair_grad_rows(
+    s,
+    r0,
+    scale,
+    target,
+    lab_row,
+    lab_col,
+    count,
+    row_lse,
+    grad_row,
+    col_target,
+    col_lse,
+    grad_col,
+    ds_rows,
+    *,
+    exclude_self,
+    supcon,
+):
     """In place: raw scores → scale·dLoss/dz for rows r0 …; ``ds_rows[i]`` = Σ_j dLoss/dz_ij·raw_ij."""
     if s.shape[0] == 0:
         return
     has_cols = grad_col is not None
     _pair_grad_rows_kernel[(s.shape[0],)](
-        s, s.stride(0), scale, _dummy(target, row_lse), _dummy(lab_row, row_lse), _dummy(lab_col, row_lse),
-        _dummy(count, row_lse), row_lse, grad_row, _dummy(col_target, row_lse), _dummy(col_lse, row_lse),
-        _dummy(grad_col, row_lse), ds_rows, r0, s.shape[1], EXCLUDE_SELF=exclude_self,
-        HAS_LABELS=lab_row is not None and not supcon, SUPCON=supcon, HAS_COLS=has_cols, **_block_m(s),
-    )  # fmt: skip
+        s,
+        s.stride(0),
+        scale,
+        _dummy(target, row_lse),
+        _dummy(lab_row, row_lse),
+        _dummy(lab_col, row_lse),
+        _dummy(count, row_lse),
+        row_lse,
+        grad_row,
+        _dummy(col_target, row_lse),
+        _dummy(col_lse, row_lse),
+        _dummy(grad_col, row_lse),
+        ds_rows,
+        r0,
+        s.shape[1],
+        EXCLUDE_SELF=exclude_self,
+        HAS_LABELS=lab_row is not None and not supcon,
+        SUPCON=supcon,
+        HAS_COLS=has_cols,
+        **_block_m(s),
+    )
 
 
 def siglip_rows(s, r0, scale, bias, *, loss=None, grad_row=None, ds_rows=None, db_rows=None):
@@ -232,6 +347,16 @@ def siglip_rows(s, r0, scale, bias, *, loss=None, grad_row=None, ds_rows=None, d
     forward = loss is not None
     any_ = loss if forward else grad_row
     _siglip_rows_kernel[(s.shape[0],)](
-        s, s.stride(0), scale, bias, _dummy(grad_row, any_), _dummy(loss, any_), _dummy(ds_rows, any_),
-        _dummy(db_rows, any_), r0, s.shape[1], FORWARD=forward, **_block_m(s),
-    )  # fmt: skip
+        s,
+        s.stride(0),
+        scale,
+        bias,
+        _dummy(grad_row, any_),
+        _dummy(loss, any_),
+        _dummy(ds_rows, any_),
+        _dummy(db_rows, any_),
+        r0,
+        s.shape[1],
+        FORWARD=forward,
+        **_block_m(s),
+    )
