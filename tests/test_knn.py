@@ -523,3 +523,154 @@ def test_screen_norms_by_chunks(monkeypatch):
     assert_close(got_mu, mu.float(), rtol=0, atol=0, name="centre")
     assert_close(got, want, rtol=1e-15, atol=0, name="centred norms")
     assert_close(tk.squared_norms(y, None), y.double().square().sum(-1), rtol=1e-15, atol=0, name="norms")
+
+
+# ---------------------------------------------------------------- issue 20: second order, degenerate input, scale
+
+ALL_IMPLS = ["cpu", "reference", "triton"]  # every impl that runs on CPU tensors (Triton in the interpreter)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_double_backward_is_exact(impl):
+    """The estimators recompute the selected distances with autograd (neighbours held fixed), so their second
+    derivatives are PyTorch's own: gradgradcheck in float64 on each differentiable estimator."""
+    _needs(impl)
+    x = points((9, 2), seed=70).requires_grad_()
+    q = points((7, 2), seed=71).requires_grad_()
+    for metric in ("euclidean", "chebyshev"):
+        assert torch.autograd.gradgradcheck(lambda v, m=metric: knn_entropy(v, k=2, metric=m, impl=impl), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: koleo_loss(v, impl=impl), (x,))
+    assert torch.autograd.gradgradcheck(lambda a, b: knn_kl_divergence(a, b, k=2, impl=impl), (x, q))
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_knn_and_ksg_outputs_do_not_require_grad(impl):
+    _needs(impl)
+    x = points((12, 3), seed=72).requires_grad_()
+    for metric in METRICS:
+        dist, idx = knn(x, k=2, metric=metric, impl=impl)
+        assert not dist.requires_grad and not idx.requires_grad, metric
+    assert not ksg_mutual_information(x[:, :1], x[:, 1:], k=2, impl=impl).requires_grad
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_no_positive_distance_raises(impl):
+    """All points identical: no positive distance to floor at; an error, not log(float tiny)."""
+    _needs(impl)
+    with pytest.raises(ValueError, match="no positive 2-th neighbour distance"):
+        knn_entropy(torch.ones(10, 3), k=2, impl=impl)
+    batch = torch.stack([points((10, 3), seed=73), torch.full((10, 3), 0.25, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="problem 1 .*all its points identical"):
+        knn_entropy(batch, k=2, impl=impl)
+    p = torch.full((6, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no positive 1-th neighbour distance within p"):
+        knn_kl_divergence(p, points((5, 2), seed=74), k=1, impl=impl)
+    with pytest.raises(ValueError, match="no positive 1-th neighbour distance from p to q"):
+        same = points((6, 2), seed=75)
+        knn_kl_divergence(same, same.clone(), k=1, impl=impl)  # every p_i is in q
+
+
+def _with_zero_rows(shape, rows, seed):
+    x = points(shape, seed=seed)
+    x[..., rows, :] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_cosine_zero_vectors(impl):
+    """cos(0, y) = 0: a zero vector is at cosine distance 1 from every vector, zero vectors included. Every
+    backend agrees with the reference (the neighbours of a zero query are the first candidates by index)."""
+    _needs(impl)
+    x = _with_zero_rows((23, 5), [0, 7, 8], seed=76)
+    y = _with_zero_rows((19, 5), [3, 11], seed=77)
+    for k in (1, 4):
+        dist, idx = knn(x, k=k, metric="cosine", impl=impl)
+        check_neighbours(x, None, k, "cosine", dist, idx)
+        assert dist[0].tolist() == [1.0] * k and idx[0].tolist() == list(range(1, k + 1))
+        assert idx[7].tolist() == [j for j in range(k + 1) if j != 7][:k]
+        dist, idx = knn(x, y, k=k, metric="cosine", impl=impl)
+        check_neighbours(x, y, k, "cosine", dist, idx)
+        assert dist[8].tolist() == [1.0] * k and idx[8].tolist() == list(range(k))
+    far = knn(x[1:2], y[3:4].expand(2, 5).contiguous(), k=2, metric="cosine", impl=impl)
+    assert far[0].tolist() == [[1.0, 1.0]] and far[1].tolist() == [[0, 1]]
+    xb = torch.stack([x, _with_zero_rows((23, 5), [22], seed=78)]).float()
+    check_neighbours(xb, None, 3, "cosine", *knn(xb, k=3, metric="cosine", impl=impl))
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_distances_of_huge_and_tiny_points(impl, scale):
+    """float32 points near 1e30 (squares overflow) and 1e-30 (squares underflow): the neighbours and distances
+    of the float64 brute force, and the estimators shifted exactly as the scale says."""
+    _needs(impl)
+    base = points((40, 3), seed=79)
+    x = (base * scale).float()
+    y = (points((30, 3), seed=80) * scale).float()
+    for metric in METRICS:
+        check_neighbours(x, None, 3, metric, *knn(x, k=3, metric=metric, impl=impl))
+        check_neighbours(x, y, 3, metric, *knn(x, y, k=3, metric=metric, impl=impl))
+    x64 = x.double()
+    for metric in ("euclidean", "chebyshev"):
+        want = knn_entropy(x64 / scale, k=3, metric=metric, impl=impl) + 3 * math.log(scale)
+        assert_close(knn_entropy(x, k=3, metric=metric, impl=impl), want, rtol=1e-5, atol=0, name=metric)
+    want = knn_kl_divergence(x64 / scale, y.double() / scale, k=2, impl=impl)
+    assert_close(knn_kl_divergence(x, y, k=2, impl=impl), want, rtol=0, atol=1e-5, name="KL")
+    assert_close(koleo_loss(x, impl=impl), koleo_loss(x64, impl=impl), rtol=1e-5, atol=0, name="KoLeo")
+    g = x.clone().requires_grad_()
+    knn_entropy(g, k=3, impl=impl).backward()
+    assert torch.isfinite(g.grad).all() and (g.grad != 0).any()
+
+
+def test_errors_name_the_arguments():
+    x = points((20, 2), torch.float32, seed=81)
+    nan = x.clone()
+    nan[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="^y holds 1 non-finite"):
+        ksg_mutual_information(x[:, 0], nan[:, 0])
+    with pytest.raises(ValueError, match="^x holds 1 non-finite"):
+        ksg_mutual_information(nan[:, :1], x[:, 1])
+    with pytest.raises(ValueError, match="q must have p's dimension d = 2"):
+        knn_kl_divergence(x, points((5, 3), torch.float32))
+    with pytest.raises(ValueError, match="^q holds 1 non-finite"):
+        knn_kl_divergence(x, nan)
+    with pytest.raises(ValueError, match="^p holds 1 non-finite"):
+        knn_kl_divergence(nan, x)
+    with pytest.raises(TypeError, match="q must have p's dtype"):
+        knn_kl_divergence(x, x.double())
+    with pytest.raises(ValueError, match=r"k = 6 exceeds the 5 candidate neighbours \(rows of q\)"):
+        knn_kl_divergence(x, x[:5], k=6)
+    with pytest.raises(ValueError, match=r"k = 20 exceeds the 19 candidate neighbours \(p against itself"):
+        knn_kl_divergence(x, x, k=20)
+
+
+def _compiled(fn):
+    """fn under torch.compile(fullgraph=True) with the aot_eager backend (fast), counting the graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=counter), counter
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["knn", "knn_cosine_zero", "knn_huge", "knn_entropy", "knn_kl_divergence", "ksg_mutual_information", "koleo_loss"],
+)
+def test_compiled_fullgraph_equals_eager(name):
+    torch._dynamo.reset()
+    x = points((30, 3), torch.float32, seed=82)
+    y = points((25, 3), torch.float32, seed=83)
+    fn, args = {
+        "knn": (lambda a, b: knn(a, b, k=3), (x, y)),
+        "knn_cosine_zero": (lambda a: knn(a, k=3, metric="cosine"), (_with_zero_rows((30, 3), [2, 9], 84).float(),)),
+        "knn_huge": (lambda a: knn(a, k=3), (x * 1e30,)),
+        "knn_entropy": (lambda a: knn_entropy(a, k=3), (x,)),
+        "knn_kl_divergence": (lambda a, b: knn_kl_divergence(a, b, k=2), (x, y)),
+        "ksg_mutual_information": (lambda a: ksg_mutual_information(a[:, 0], a[:, 1:], k=3), (x,)),
+        "koleo_loss": (lambda a: koleo_loss(a), (x,)),
+    }[name]
+    compiled, counter = _compiled(fn)
+    got, want = compiled(*args), fn(*args)
+    assert counter.frame_count == 1 and counter.op_count > 0, "not traced as one graph"
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), name
