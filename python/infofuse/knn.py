@@ -109,8 +109,9 @@ def _prepare(x, y, k, metric, impl, names=("x", "y"), check_finite=True):
 
 # ---------------------------------------------------------------- the search, scale-safe
 
-# A problem needs no scaling while its largest |coordinate| lies in [2^lo, 2^hi): its squared distances neither
-# overflow nor lose bits to underflow (float32 arithmetic, which bf16 also uses, d < 2^40; and float64).
+# A problem needs no scaling while the exponent e of its largest |coordinate| (in [2^(e−1), 2^e)) lies in [lo, hi]:
+# its squared distances neither overflow nor lose bits to underflow (float32 arithmetic, which bf16 also uses, for
+# d < 2^40; and float64).
 _SAFE_EXPONENTS = {torch.float64: (-400, 400), torch.float32: (-30, 40)}
 # Scale exponents are clamped to ±this, so 2^±e stays a normal number of the dtype.
 _MAX_SHIFT = {torch.float64: 1000, torch.float32: 100}
