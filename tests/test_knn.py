@@ -689,3 +689,241 @@ def test_compiled_fullgraph_equals_eager(name):
     got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- on the GPU (marked gpu: skipped without CUDA)
+# At real sizes, and the interpreter tests' cases with the inputs moved to CUDA (the compiled kernels at shapes that
+# defeat their block sizes); formerly in tests/test_gpu.py.
+
+
+def _cuda(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+def _extra_bytes(fn):
+    """Peak CUDA memory of fn() above what was allocated before it, after a warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, out
+
+
+def _knn_impls():
+    from infofuse._ops.knn import cuda_kernels_built
+
+    return ["triton", "cuda"] if cuda_kernels_built() else ["triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev"])
+@pytest.mark.parametrize("k", [1, 10, 64, 100])
+def test_knn_large_against_chunked_cdist_topk(metric, k):
+    """N = 50000 points, d = 64: the j-th distances equal brute force's (chunked cdist + sort, float64), every
+    returned distance is the exact distance of its index, and on every backend."""
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(50000, 64, device="cuda", generator=g)
+    for impl in _knn_impls():
+        dist, idx = knn(x, k=k, metric=metric, impl=impl)
+        assert dist.shape == idx.shape == (50000, k)
+        for r0 in (0, 24000, 49000):
+            q = x[r0 : r0 + 1000].double()
+            p = float("inf") if metric == "chebyshev" else 2.0
+            full = torch.cdist(q, x.double(), p=p)
+            full[torch.arange(1000), torch.arange(r0, r0 + 1000)] = float("inf")
+            want = torch.sort(full, dim=1, stable=True).values[:, :k]
+            assert_close(dist[r0 : r0 + 1000], want, rtol=2e-6, atol=2e-6, name=f"{impl} distances rows {r0}+")
+            own = full.gather(1, idx[r0 : r0 + 1000])
+            assert_close(dist[r0 : r0 + 1000], own, rtol=2e-6, atol=2e-6, name=f"{impl} distance of its index")
+
+
+@pytest.mark.gpu
+def test_knn_count_and_ksg_match_cpu():
+
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(20000, 2, dtype=torch.float64, generator=g)
+    z[:, 1] = 0.8 * z[:, 0] + 0.6 * z[:, 1]
+    want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=1, impl="cpu")
+    for impl in _knn_impls():
+        got = ksg_mutual_information(z[:, 0].cuda(), z[:, 1].cuda(), k=3, variant=1, impl=impl)
+        assert abs(got.item() - want.item()) < 1e-12, (impl, got.item(), want.item())
+
+
+@pytest.mark.gpu
+def test_knn_memory_is_linear_in_n():
+
+    x = torch.randn(200000, 32, device="cuda")
+    for impl in _knn_impls():
+        extra, _ = _extra_bytes(lambda impl=impl: knn(x, k=10, impl=impl))
+        assert extra < 64 * 200000 * 10 * 8 + (64 << 20), f"{impl}: {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev", "cosine"])
+@pytest.mark.parametrize("k", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_knn_odd_shapes_every_backend(metric, k, dtype):
+
+    for impl in _knn_impls():
+        x, y = _cuda(points((1013, 37), dtype, seed=k), points((2027, 37), dtype, seed=k + 1))
+        ok = (x, y) if dtype != torch.bfloat16 else (x.float(), y.float())
+        dist, idx = knn(x, k=k, metric=metric, impl=impl)
+        check_neighbours(ok[0], None, k, metric, dist, idx)
+        dist, idx = knn(x, y, k=k, metric=metric, impl=impl)
+        check_neighbours(ok[0], ok[1], k, metric, dist, idx)
+        xb = _cuda(points((3, 129, 5), dtype, seed=4, noncontig=True))[0]
+        dist, idx = knn(xb, k=min(k, 100), metric=metric, impl=impl)
+        check_neighbours(xb if dtype != torch.bfloat16 else xb.float(), None, min(k, 100), metric, dist, idx)
+
+
+@pytest.mark.gpu
+def test_knn_duplicates_and_estimators_equal_the_reference():
+
+    base = points((300, 3), seed=7).cuda()
+    x = torch.cat([base, base, base[:40]])
+    z = points((3000, 2), seed=8).cuda()
+    z[:, 1] = 0.6 * z[:, 0] + 0.8 * z[:, 1]
+    q = points((2500, 2), seed=9).cuda() + 0.3
+    for impl in _knn_impls():
+        dist, idx = knn(x, k=2, impl=impl)
+        check_neighbours(x, None, 2, "euclidean", dist, idx)
+        assert idx[0].tolist() == [300, 600] and dist[0].tolist() == [0.0, 0.0], impl
+        for metric in ("euclidean", "chebyshev"):
+            got = knn_entropy(z, k=3, metric=metric, impl=impl)
+            assert_close(
+                got,
+                knn_entropy(z, k=3, metric=metric, impl="reference"),
+                rtol=1e-12,
+                atol=0,
+                name=f"{impl} entropy {metric}",
+            )
+        for variant in (1, 2):
+            got = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl=impl)
+            want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl="reference")
+            assert_close(got, want, rtol=1e-12, atol=0, name=f"{impl} KSG-{variant}")
+        got = knn_kl_divergence(z, q, k=2, impl=impl)
+        assert_close(got, knn_kl_divergence(z, q, k=2, impl="reference"), rtol=1e-12, atol=0, name=f"{impl} KL")
+        for fn in (lambda v, i: knn_entropy(v, k=3, impl=i), lambda v, i: koleo_loss(v, impl=i)):
+            a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+            fn(a, impl).backward()
+            fn(b, "reference").backward()
+            assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, name=f"{impl} gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_knn_screening_bound_holds_in_tf32(precision):
+    """The TF32 and 3×TF32 screenings' kept squared distances lie within screen_error_bound of the exact ones, for
+    points near the origin and for points far from it (screened centred)."""
+    from infofuse.triton_kernels.knn import knn_candidates, screen_centre
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    for d in (3, 16, 128, 300):
+        for offset in (0.5, 20.0):
+            x = torch.randn(1, 20000, d, device="cuda", generator=g) * 2 + offset
+            assert (screen_centre(x)[0] is not None) == (offset > 1), (d, offset)
+            screened, idx, bound = knn_candidates(x, x, 10, 0, True, precision=precision)
+            exact = (x[0][:, None, :].double() - x[0][idx[0]].double()).square().sum(-1)
+            assert ((screened[0].double() - exact).abs() <= bound[0][:, None]).all(), (d, offset)
+
+
+@pytest.mark.gpu
+def test_knn_screening_every_config_keeps_the_nearest_candidates():
+    """Each GPU configuration of the screening kernel (block shapes, PREFETCH, the large-KP one), forced instead of
+    the autotuner's choice, keeps what check_screened wants, at d = 16 (one small feature block), 128 (one block)
+    and 200 (the feature loop), with a partial last tile and centred data."""
+    import infofuse.triton_kernels.knn as tk
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for d, k, offset in ((16, 3, 0.0), (128, 10, 0.0), (128, 10, 20.0), (200, 5, 0.0)):
+        x = torch.randn(1, 3001, d, device="cuda", generator=g) + offset
+        kp = tk.screen_slots(k)
+        for config in [*tk.screen_configs(kp), tk._SCREEN_LARGE_KP]:
+            for precision in tk.SCREEN_PRECISIONS:
+                check_screened(x, k, *tk.knn_candidates(x, x, k, 0, True, precision=precision, config=config))
+
+
+@pytest.mark.gpu
+def test_screen_autotuner_times_a_long_run_once():
+    """time_config, the autotuner's timing: a run past LONG_RUN_MS is timed once after one warm-up run; a short
+    one goes to Triton's do_bench (many runs)."""
+    from infofuse.triton_kernels.knn import LONG_RUN_MS, elapsed_ms, time_config
+
+    calls = []
+
+    def sleep(cycles):
+        return lambda: (calls.append(cycles), torch.cuda._sleep(cycles))
+
+    long_cycles = int(10**7 * 3 * LONG_RUN_MS / elapsed_ms(lambda: torch.cuda._sleep(10**7)))  # ≈ 3 × LONG_RUN_MS
+    got = time_config(sleep(long_cycles), (0.5, 0.2, 0.8))
+    assert len(calls) == 2 and len(got) == 3 and min(got) >= LONG_RUN_MS, (calls, got)
+    calls.clear()
+    got = time_config(sleep(1000), (0.5, 0.2, 0.8))
+    assert len(calls) > 8 and len(got) == 3 and max(got) < LONG_RUN_MS, (len(calls), got)
+
+
+@pytest.mark.gpu
+def test_screen_autotuner_keys_on_the_bit_length_of_n():
+    """A small grid and a large one are tuned apart (TUNE_N in the key): a search at N = 1000 does not fix the
+    blocks of one at N = 40000."""
+    import infofuse.triton_kernels.knn as tk
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    for n in (1000, 40000):
+        x = torch.randn(1, n, 16, device="cuda", generator=g)
+        tk.knn_candidates(x, x, 3, 0, True)
+    position = tk._knn_screen_tuned.keys.index("TUNE_N")
+    assert {key[position] for key in tk._knn_screen_tuned.cache} >= {10, 16}
+
+
+# Most shares of the queries screened again in 3×TF32 and searched directly, at N = 30000, d = 128, k = 10: well
+# above what the CPU model of the TF32 arithmetic gives (bench/knn_screening.py, 2048 queries, as of 2026-12-01:
+# with KP = 16 offset 3.1 % and 0, cone 3.9 % and 0, clusters 100 % and 0; with KP = 32, the margin since then,
+# 0 and 0, 0 and 0, 100 % and 0; the real matrix unit, which may round where the model truncates, errs no more).
+_TIER_SHARES = {"offset": (0.15, 0.01), "cone": (0.15, 0.01), "clusters": (1.0, 0.03)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(_TIER_SHARES))
+def test_knn_triton_tiers_on_data_far_from_the_origin_or_clustered(model):
+    """Data that TF32 cannot resolve without centring, or at all (bench/knn_screening.py): the tiers give brute
+    force's neighbours, and the later tiers see no more queries than the CPU model predicts, with margin."""
+    from infofuse._ops.knn import last_search_tiers
+    from infofuse.bench.knn_screening import MODELS
+
+    x = MODELS[model](30000, 128, torch.Generator().manual_seed(3)).cuda()
+    dist, idx = knn(x, k=10, impl="triton")
+    tiers = dict(last_search_tiers)
+    again, direct = _TIER_SHARES[model]
+    assert tiers["queries"] == 30000 and tiers["probe"] == 0, tiers
+    assert tiers["tf32x3"] <= again * 30000 and tiers["direct"] <= direct * 30000, tiers
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model, first", [("gaussian", "tf32"), ("clusters", "tf32x3")])
+def test_knn_triton_probe_picks_the_first_tier(model, first):
+    """A search of 2¹⁶ + 4464 points (past the probe's thresholds) probes 2048 queries in TF32 and starts where the
+    CPU model says TF32 certifies most queries (Gaussian) or none (clusters): in TF32 or in 3×TF32."""
+    from infofuse._ops.knn import PROBE_QUERIES, last_search_tiers
+    from infofuse.bench.knn_screening import MODELS
+
+    x = MODELS[model](70000, 128, torch.Generator().manual_seed(4)).cuda()
+    dist, idx = knn(x, k=10, impl="triton")
+    tiers = dict(last_search_tiers)
+    assert tiers["probe"] == PROBE_QUERIES and tiers["first"] == first, tiers
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+def _check_first_rows(x, dist, idx, name, rows=2000):
+    """The k-NN of x against itself, self excluded, for its first rows against float64 brute force."""
+    k = dist.shape[-1]
+    q = x[:rows].double()
+    full = torch.cdist(q, x.double())
+    full[torch.arange(rows), torch.arange(rows)] = float("inf")
+    want = torch.sort(full, dim=1, stable=True).values[:, :k]
+    assert_close(dist[:rows], want, rtol=2e-6, atol=2e-6, name=f"{name} distances")
+    assert_close(dist[:rows], full.gather(1, idx[:rows]), rtol=2e-6, atol=2e-6, name=f"{name} distance of its index")
