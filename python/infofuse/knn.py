@@ -157,6 +157,8 @@ def _scaled(t: torch.Tensor | None, e: torch.Tensor | None) -> torch.Tensor | No
 def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     """v/‖v‖ row by row, a zero row staying zero; each row is first scaled by the power of two of its largest
     |coordinate| (exact), so its norm neither overflows nor underflows. Differentiable; v float32 or float64."""
+    if v.shape[-1] == 0:
+        return v
     return F.normalize(v * _pow2(-_exponent(v.detach().abs().amax(-1, keepdim=True)), v.dtype), dim=-1)
 
 
