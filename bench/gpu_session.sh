@@ -36,7 +36,7 @@ build_extension() {  # editable install against the machine's torch, or a _C*.so
 gpu_pytest() {  # gpu_pytest NAME LIMIT PER_TEST_TIMEOUT PYTEST_ARGS...: tests/test_gpu.py in 4 workers
   local name=$1 limit=$2 per_test=$3; shift 3
   stage "$name" "$limit" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" --timeout "$per_test" \
-    --junitxml "$OUT/$name.xml" tests/test_gpu.py "$@" ${TEST_ARGS:-}
+    --junitxml "$OUT/$name.xml" -m gpu tests/ "$@" ${TEST_ARGS:-}
 }
 export -f build_extension
 # Without an install, the package layout of pyproject.toml by links (infofuse.bench, infofuse.triton_kernels)

@@ -523,3 +523,407 @@ def test_screen_norms_by_chunks(monkeypatch):
     assert_close(got_mu, mu.float(), rtol=0, atol=0, name="centre")
     assert_close(got, want, rtol=1e-15, atol=0, name="centred norms")
     assert_close(tk.squared_norms(y, None), y.double().square().sum(-1), rtol=1e-15, atol=0, name="norms")
+
+
+# ---------------------------------------------------------------- issue 20: second order, degenerate input, scale
+
+ALL_IMPLS = ["cpu", "reference", "triton"]  # every impl that runs on CPU tensors (Triton in the interpreter)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_double_backward_is_exact(impl):
+    """The estimators recompute the selected distances with autograd (neighbours held fixed), so their second
+    derivatives are PyTorch's own: gradgradcheck in float64 on each differentiable estimator."""
+    _needs(impl)
+    x = points((9, 2), seed=70).requires_grad_()
+    q = points((7, 2), seed=71).requires_grad_()
+    for metric in ("euclidean", "chebyshev"):
+        assert torch.autograd.gradgradcheck(lambda v, m=metric: knn_entropy(v, k=2, metric=m, impl=impl), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: koleo_loss(v, impl=impl), (x,))
+    assert torch.autograd.gradgradcheck(lambda a, b: knn_kl_divergence(a, b, k=2, impl=impl), (x, q))
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_knn_and_ksg_outputs_do_not_require_grad(impl):
+    _needs(impl)
+    x = points((12, 3), seed=72).requires_grad_()
+    for metric in METRICS:
+        dist, idx = knn(x, k=2, metric=metric, impl=impl)
+        assert not dist.requires_grad and not idx.requires_grad, metric
+    assert not ksg_mutual_information(x[:, :1], x[:, 1:], k=2, impl=impl).requires_grad
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_no_positive_distance_raises(impl):
+    """All points identical: no positive distance to floor at; an error, not log(float tiny)."""
+    _needs(impl)
+    with pytest.raises(ValueError, match="no positive 2-th neighbour distance"):
+        knn_entropy(torch.ones(10, 3), k=2, impl=impl)
+    batch = torch.stack([points((10, 3), seed=73), torch.full((10, 3), 0.25, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="problem 1 .*all its points identical"):
+        knn_entropy(batch, k=2, impl=impl)
+    p = torch.full((6, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no positive 1-th neighbour distance within p"):
+        knn_kl_divergence(p, points((5, 2), seed=74), k=1, impl=impl)
+    with pytest.raises(ValueError, match="no positive 1-th neighbour distance from p to q"):
+        same = points((6, 2), seed=75)
+        knn_kl_divergence(same, same.clone(), k=1, impl=impl)  # every p_i is in q
+
+
+def _with_zero_rows(shape, rows, seed):
+    x = points(shape, seed=seed)
+    x[..., rows, :] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_cosine_zero_vectors(impl):
+    """cos(0, y) = 0: a zero vector is at cosine distance 1 from every vector, zero vectors included. Every
+    backend agrees with the reference (the neighbours of a zero query are the first candidates by index)."""
+    _needs(impl)
+    x = _with_zero_rows((23, 5), [0, 7, 8], seed=76)
+    y = _with_zero_rows((19, 5), [3, 11], seed=77)
+    for k in (1, 4):
+        dist, idx = knn(x, k=k, metric="cosine", impl=impl)
+        check_neighbours(x, None, k, "cosine", dist, idx)
+        assert dist[0].tolist() == [1.0] * k and idx[0].tolist() == list(range(1, k + 1))
+        assert idx[7].tolist() == [j for j in range(k + 1) if j != 7][:k]
+        dist, idx = knn(x, y, k=k, metric="cosine", impl=impl)
+        check_neighbours(x, y, k, "cosine", dist, idx)
+        assert dist[8].tolist() == [1.0] * k and idx[8].tolist() == list(range(k))
+    far = knn(x[1:2], y[3:4].expand(2, 5).contiguous(), k=2, metric="cosine", impl=impl)
+    assert far[0].tolist() == [[1.0, 1.0]] and far[1].tolist() == [[0, 1]]
+    xb = torch.stack([x, _with_zero_rows((23, 5), [22], seed=78)]).float()
+    check_neighbours(xb, None, 3, "cosine", *knn(xb, k=3, metric="cosine", impl=impl))
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_distances_of_huge_and_tiny_points(impl, scale):
+    """float32 points near 1e30 (squares overflow) and 1e-30 (squares underflow): the neighbours and distances
+    of the float64 brute force, and the estimators shifted exactly as the scale says."""
+    _needs(impl)
+    base = points((40, 3), seed=79)
+    x = (base * scale).float()
+    y = (points((30, 3), seed=80) * scale).float()
+    for metric in METRICS:
+        check_neighbours(x, None, 3, metric, *knn(x, k=3, metric=metric, impl=impl))
+        check_neighbours(x, y, 3, metric, *knn(x, y, k=3, metric=metric, impl=impl))
+    x64 = x.double()
+    for metric in ("euclidean", "chebyshev"):
+        want = knn_entropy(x64 / scale, k=3, metric=metric, impl=impl) + 3 * math.log(scale)
+        assert_close(knn_entropy(x, k=3, metric=metric, impl=impl), want, rtol=1e-5, atol=0, name=metric)
+    want = knn_kl_divergence(x64 / scale, y.double() / scale, k=2, impl=impl)
+    assert_close(knn_kl_divergence(x, y, k=2, impl=impl), want, rtol=0, atol=1e-5, name="KL")
+    assert_close(koleo_loss(x, impl=impl), koleo_loss(x64, impl=impl), rtol=1e-5, atol=0, name="KoLeo")
+    g = x.clone().requires_grad_()
+    knn_entropy(g, k=3, impl=impl).backward()
+    assert torch.isfinite(g.grad).all() and (g.grad != 0).any()
+
+
+def test_errors_name_the_arguments():
+    x = points((20, 2), torch.float32, seed=81)
+    nan = x.clone()
+    nan[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="^y holds 1 non-finite"):
+        ksg_mutual_information(x[:, 0], nan[:, 0])
+    with pytest.raises(ValueError, match="^x holds 1 non-finite"):
+        ksg_mutual_information(nan[:, :1], x[:, 1])
+    with pytest.raises(ValueError, match="q must have p's dimension d = 2"):
+        knn_kl_divergence(x, points((5, 3), torch.float32))
+    with pytest.raises(ValueError, match="^q holds 1 non-finite"):
+        knn_kl_divergence(x, nan)
+    with pytest.raises(ValueError, match="^p holds 1 non-finite"):
+        knn_kl_divergence(nan, x)
+    with pytest.raises(TypeError, match="q must have p's dtype"):
+        knn_kl_divergence(x, x.double())
+    with pytest.raises(ValueError, match=r"k = 6 exceeds the 5 candidate neighbours \(rows of q\)"):
+        knn_kl_divergence(x, x[:5], k=6)
+    with pytest.raises(ValueError, match=r"k = 20 exceeds the 19 candidate neighbours \(p against itself"):
+        knn_kl_divergence(x, x, k=20)
+
+
+def _compiled(fn):
+    """fn under torch.compile(fullgraph=True) with the aot_eager backend (fast), counting the graphs."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=counter), counter
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "knn",
+        "knn_cosine",
+        "knn_cosine_zero",
+        "knn_huge",
+        "knn_entropy",
+        "knn_entropy_triton",
+        "knn_kl_divergence",
+        "ksg_mutual_information",
+        "koleo_loss",
+    ],
+)
+def test_compiled_fullgraph_equals_eager(name):
+    """Each public function traced as one graph (fullgraph: no graph break, the data-dependent checks made
+    asynchronous) gives eager's result bit for bit; compiled, cosine always searches the augmented vectors and the
+    estimators scale, which changes no rounding."""
+    torch._dynamo.reset()
+    x = points((30, 3), torch.float32, seed=82)
+    y = points((25, 3), torch.float32, seed=83)
+    fn, args = {
+        "knn": (lambda a, b: knn(a, b, k=3), (x, y)),
+        "knn_cosine": (lambda a, b: knn(a, b, k=3, metric="cosine"), (x, y)),
+        "knn_cosine_zero": (lambda a: knn(a, k=3, metric="cosine"), (_with_zero_rows((30, 3), [2, 9], 84).float(),)),
+        "knn_huge": (lambda a: knn(a, k=3), (x * 1e30,)),
+        "knn_entropy": (lambda a: knn_entropy(a, k=3), (x,)),
+        "knn_entropy_triton": (lambda a: knn_entropy(a, k=3, impl="triton"), (x,)),
+        "knn_kl_divergence": (lambda a, b: knn_kl_divergence(a, b, k=2), (x, y)),
+        "ksg_mutual_information": (lambda a: ksg_mutual_information(a[:, 0], a[:, 1:], k=3), (x,)),
+        "koleo_loss": (lambda a: koleo_loss(a), (x,)),
+    }[name]
+    compiled, counter = _compiled(fn)
+    got, want = compiled(*args), fn(*args)
+    assert counter.frame_count == 1 and counter.op_count > 0, "not traced as one graph"
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- on the GPU (marked gpu: skipped without CUDA)
+# At real sizes, and the interpreter tests' cases with the inputs moved to CUDA (the compiled kernels at shapes that
+# defeat their block sizes); formerly in tests/test_gpu.py.
+
+
+def _cuda(*tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+def _extra_bytes(fn):
+    """Peak CUDA memory of fn() above what was allocated before it, after a warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, out
+
+
+def _knn_impls():
+    from infofuse._ops.knn import cuda_kernels_built
+
+    return ["triton", "cuda"] if cuda_kernels_built() else ["triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev"])
+@pytest.mark.parametrize("k", [1, 10, 64, 100])
+def test_knn_large_against_chunked_cdist_topk(metric, k):
+    """N = 50000 points, d = 64: the j-th distances equal brute force's (chunked cdist + sort, float64), every
+    returned distance is the exact distance of its index, and on every backend."""
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(50000, 64, device="cuda", generator=g)
+    for impl in _knn_impls():
+        dist, idx = knn(x, k=k, metric=metric, impl=impl)
+        assert dist.shape == idx.shape == (50000, k)
+        for r0 in (0, 24000, 49000):
+            q = x[r0 : r0 + 1000].double()
+            p = float("inf") if metric == "chebyshev" else 2.0
+            full = torch.cdist(q, x.double(), p=p)
+            full[torch.arange(1000), torch.arange(r0, r0 + 1000)] = float("inf")
+            want = torch.sort(full, dim=1, stable=True).values[:, :k]
+            assert_close(dist[r0 : r0 + 1000], want, rtol=2e-6, atol=2e-6, name=f"{impl} distances rows {r0}+")
+            own = full.gather(1, idx[r0 : r0 + 1000])
+            assert_close(dist[r0 : r0 + 1000], own, rtol=2e-6, atol=2e-6, name=f"{impl} distance of its index")
+
+
+@pytest.mark.gpu
+def test_knn_count_and_ksg_match_cpu():
+
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(20000, 2, dtype=torch.float64, generator=g)
+    z[:, 1] = 0.8 * z[:, 0] + 0.6 * z[:, 1]
+    want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=1, impl="cpu")
+    for impl in _knn_impls():
+        got = ksg_mutual_information(z[:, 0].cuda(), z[:, 1].cuda(), k=3, variant=1, impl=impl)
+        assert abs(got.item() - want.item()) < 1e-12, (impl, got.item(), want.item())
+
+
+@pytest.mark.gpu
+def test_knn_memory_is_linear_in_n():
+
+    x = torch.randn(200000, 32, device="cuda")
+    for impl in _knn_impls():
+        extra, _ = _extra_bytes(lambda impl=impl: knn(x, k=10, impl=impl))
+        assert extra < 64 * 200000 * 10 * 8 + (64 << 20), f"{impl}: {extra / 2**20:.1f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "chebyshev", "cosine"])
+@pytest.mark.parametrize("k", [1, 3, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_knn_odd_shapes_every_backend(metric, k, dtype):
+
+    for impl in _knn_impls():
+        x, y = _cuda(points((1013, 37), dtype, seed=k), points((2027, 37), dtype, seed=k + 1))
+        ok = (x, y) if dtype != torch.bfloat16 else (x.float(), y.float())
+        dist, idx = knn(x, k=k, metric=metric, impl=impl)
+        check_neighbours(ok[0], None, k, metric, dist, idx)
+        dist, idx = knn(x, y, k=k, metric=metric, impl=impl)
+        check_neighbours(ok[0], ok[1], k, metric, dist, idx)
+        xb = _cuda(points((3, 129, 5), dtype, seed=4, noncontig=True))[0]
+        dist, idx = knn(xb, k=min(k, 100), metric=metric, impl=impl)
+        check_neighbours(xb if dtype != torch.bfloat16 else xb.float(), None, min(k, 100), metric, dist, idx)
+
+
+@pytest.mark.gpu
+def test_knn_duplicates_and_estimators_equal_the_reference():
+
+    base = points((300, 3), seed=7).cuda()
+    x = torch.cat([base, base, base[:40]])
+    z = points((3000, 2), seed=8).cuda()
+    z[:, 1] = 0.6 * z[:, 0] + 0.8 * z[:, 1]
+    q = points((2500, 2), seed=9).cuda() + 0.3
+    for impl in _knn_impls():
+        dist, idx = knn(x, k=2, impl=impl)
+        check_neighbours(x, None, 2, "euclidean", dist, idx)
+        assert idx[0].tolist() == [300, 600] and dist[0].tolist() == [0.0, 0.0], impl
+        for metric in ("euclidean", "chebyshev"):
+            got = knn_entropy(z, k=3, metric=metric, impl=impl)
+            assert_close(
+                got,
+                knn_entropy(z, k=3, metric=metric, impl="reference"),
+                rtol=1e-12,
+                atol=0,
+                name=f"{impl} entropy {metric}",
+            )
+        for variant in (1, 2):
+            got = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl=impl)
+            want = ksg_mutual_information(z[:, 0], z[:, 1], k=3, variant=variant, impl="reference")
+            assert_close(got, want, rtol=1e-12, atol=0, name=f"{impl} KSG-{variant}")
+        got = knn_kl_divergence(z, q, k=2, impl=impl)
+        assert_close(got, knn_kl_divergence(z, q, k=2, impl="reference"), rtol=1e-12, atol=0, name=f"{impl} KL")
+        for fn in (lambda v, i: knn_entropy(v, k=3, impl=i), lambda v, i: koleo_loss(v, impl=i)):
+            a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+            fn(a, impl).backward()
+            fn(b, "reference").backward()
+            assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, name=f"{impl} gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_knn_screening_bound_holds_in_tf32(precision):
+    """The TF32 and 3×TF32 screenings' kept squared distances lie within screen_error_bound of the exact ones, for
+    points near the origin and for points far from it (screened centred)."""
+    from infofuse.triton_kernels.knn import knn_candidates, screen_centre
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    for d in (3, 16, 128, 300):
+        for offset in (0.5, 20.0):
+            x = torch.randn(1, 20000, d, device="cuda", generator=g) * 2 + offset
+            assert (screen_centre(x)[0] is not None) == (offset > 1), (d, offset)
+            screened, idx, bound = knn_candidates(x, x, 10, 0, True, precision=precision)
+            exact = (x[0][:, None, :].double() - x[0][idx[0]].double()).square().sum(-1)
+            assert ((screened[0].double() - exact).abs() <= bound[0][:, None]).all(), (d, offset)
+
+
+@pytest.mark.gpu
+def test_knn_screening_every_config_keeps_the_nearest_candidates():
+    """Each GPU configuration of the screening kernel (block shapes, PREFETCH, the large-KP one), forced instead of
+    the autotuner's choice, keeps what check_screened wants, at d = 16 (one small feature block), 128 (one block)
+    and 200 (the feature loop), with a partial last tile and centred data."""
+    import infofuse.triton_kernels.knn as tk
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for d, k, offset in ((16, 3, 0.0), (128, 10, 0.0), (128, 10, 20.0), (200, 5, 0.0)):
+        x = torch.randn(1, 3001, d, device="cuda", generator=g) + offset
+        kp = tk.screen_slots(k)
+        for config in [*tk.screen_configs(kp), tk._SCREEN_LARGE_KP]:
+            for precision in tk.SCREEN_PRECISIONS:
+                check_screened(x, k, *tk.knn_candidates(x, x, k, 0, True, precision=precision, config=config))
+
+
+@pytest.mark.gpu
+def test_screen_autotuner_times_a_long_run_once():
+    """time_config, the autotuner's timing: a run past LONG_RUN_MS is timed once after one warm-up run; a short
+    one goes to Triton's do_bench (many runs)."""
+    from infofuse.triton_kernels.knn import LONG_RUN_MS, elapsed_ms, time_config
+
+    calls = []
+
+    def sleep(cycles):
+        return lambda: (calls.append(cycles), torch.cuda._sleep(cycles))
+
+    long_cycles = int(10**7 * 3 * LONG_RUN_MS / elapsed_ms(lambda: torch.cuda._sleep(10**7)))  # ≈ 3 × LONG_RUN_MS
+    got = time_config(sleep(long_cycles), (0.5, 0.2, 0.8))
+    assert len(calls) == 2 and len(got) == 3 and min(got) >= LONG_RUN_MS, (calls, got)
+    calls.clear()
+    got = time_config(sleep(1000), (0.5, 0.2, 0.8))
+    assert len(calls) > 8 and len(got) == 3 and max(got) < LONG_RUN_MS, (len(calls), got)
+
+
+@pytest.mark.gpu
+def test_screen_autotuner_keys_on_the_bit_length_of_n():
+    """A small grid and a large one are tuned apart (TUNE_N in the key): a search at N = 1000 does not fix the
+    blocks of one at N = 40000."""
+    import infofuse.triton_kernels.knn as tk
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    for n in (1000, 40000):
+        x = torch.randn(1, n, 16, device="cuda", generator=g)
+        tk.knn_candidates(x, x, 3, 0, True)
+    position = tk._knn_screen_tuned.keys.index("TUNE_N")
+    assert {key[position] for key in tk._knn_screen_tuned.cache} >= {10, 16}
+
+
+# Most shares of the queries screened again in 3×TF32 and searched directly, at N = 30000, d = 128, k = 10: well
+# above what the CPU model of the TF32 arithmetic gives (bench/knn_screening.py, 2048 queries, as of 2026-12-01:
+# with KP = 16 offset 3.1 % and 0, cone 3.9 % and 0, clusters 100 % and 0; with KP = 32, the margin since then,
+# 0 and 0, 0 and 0, 100 % and 0; the real matrix unit, which may round where the model truncates, errs no more).
+_TIER_SHARES = {"offset": (0.15, 0.01), "cone": (0.15, 0.01), "clusters": (1.0, 0.03)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", list(_TIER_SHARES))
+def test_knn_triton_tiers_on_data_far_from_the_origin_or_clustered(model):
+    """Data that TF32 cannot resolve without centring, or at all (bench/knn_screening.py): the tiers give brute
+    force's neighbours, and the later tiers see no more queries than the CPU model predicts, with margin."""
+    from infofuse._ops.knn import last_search_tiers
+    from infofuse.bench.knn_screening import MODELS
+
+    x = MODELS[model](30000, 128, torch.Generator().manual_seed(3)).cuda()
+    dist, idx = knn(x, k=10, impl="triton")
+    tiers = dict(last_search_tiers)
+    again, direct = _TIER_SHARES[model]
+    assert tiers["queries"] == 30000 and tiers["probe"] == 0, tiers
+    assert tiers["tf32x3"] <= again * 30000 and tiers["direct"] <= direct * 30000, tiers
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model, first", [("gaussian", "tf32"), ("clusters", "tf32x3")])
+def test_knn_triton_probe_picks_the_first_tier(model, first):
+    """A search of 2¹⁶ + 4464 points (past the probe's thresholds) probes 2048 queries in TF32 and starts where the
+    CPU model says TF32 certifies most queries (Gaussian) or none (clusters): in TF32 or in 3×TF32."""
+    from infofuse._ops.knn import PROBE_QUERIES, last_search_tiers
+    from infofuse.bench.knn_screening import MODELS
+
+    x = MODELS[model](70000, 128, torch.Generator().manual_seed(4)).cuda()
+    dist, idx = knn(x, k=10, impl="triton")
+    tiers = dict(last_search_tiers)
+    assert tiers["probe"] == PROBE_QUERIES and tiers["first"] == first, tiers
+    _check_first_rows(x, dist, idx, f"{model} ({tiers})")
+
+
+def _check_first_rows(x, dist, idx, name, rows=2000):
+    """The k-NN of x against itself, self excluded, for its first rows against float64 brute force."""
+    k = dist.shape[-1]
+    q = x[:rows].double()
+    full = torch.cdist(q, x.double())
+    full[torch.arange(rows), torch.arange(rows)] = float("inf")
+    want = torch.sort(full, dim=1, stable=True).values[:, :k]
+    assert_close(dist[:rows], want, rtol=2e-6, atol=2e-6, name=f"{name} distances")
+    assert_close(dist[:rows], full.gather(1, idx[:rows]), rtol=2e-6, atol=2e-6, name=f"{name} distance of its index")

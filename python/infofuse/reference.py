@@ -217,8 +217,10 @@ def _pairwise_distances(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.
         if x.shape[-1] == 0:
             return x.new_zeros(x.shape[:-1] + (y.shape[-2],))
         return (x[..., :, None, :] - y[..., None, :, :]).abs().amax(-1)
-    if metric == "cosine":
-        return 1.0 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+    if metric == "cosine":  # cos(0, ·) = 0; rows divided by their largest |coordinate| first (no overflow)
+        xn = F.normalize(x / x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny), dim=-1)
+        yn = F.normalize(y / y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny), dim=-1)
+        return 1.0 - xn @ yn.transpose(-1, -2)
     raise ValueError(f"unknown metric {metric!r}")
 
 
@@ -227,7 +229,8 @@ def knn_reference(x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1, *,
 
     x (N, d) or (B, N, d); y likewise, or None for x against itself with each point excluded from its own
     neighbours by index. Returns (distances, indices), (…, N, k), ascending; ties go to the smaller index.
-    bf16/fp16 inputs are computed in float32. Cosine distance is 1 − cos(x_i, y_j).
+    bf16/fp16 inputs are computed in float32. Cosine distance is 1 − cos(x_i, y_j), with cos(0, y) = cos(x, 0) = 0
+    (``F.cosine_similarity``'s value): 1 from a zero vector to every vector, zero vectors included.
     """
     squeeze = x.dim() == 2
     xs = x[None] if squeeze else x
