@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from . import case_names, get_case
-from .harness import Options, known_peer_names, run
+from .case import Options
+from .harness import run
+from .planning import known_peer_names
 
 _DTYPES = ("float32", "bfloat16", "float16")
 

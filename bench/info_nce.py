@@ -15,7 +15,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Inputs, Peer
+from .case import Case, Inputs, Peer
 
 __all__ = ["CASE", "InfoNCECase", "make_inputs"]
 

@@ -16,7 +16,7 @@ import importlib
 
 import torch
 
-from .harness import Case, Inputs, Peer
+from .case import Case, Inputs, Peer
 
 __all__ = ["CASE", "KnnEntropyCase"]
 

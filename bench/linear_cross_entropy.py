@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Inputs, Peer
+from .case import Case, Inputs, Peer
 
 __all__ = ["CASE", "LinearCrossEntropyCase", "make_inputs"]
 

@@ -12,8 +12,8 @@ import torch
 from infofuse.bench import case_names, get_case
 from infofuse.bench.cli import main as bench_main
 from infofuse.bench.cli import parse_options
-from infofuse.bench.harness import plan_peers
 from infofuse.bench.linear_cross_entropy import make_inputs
+from infofuse.bench.planning import plan_peers
 
 # ------------------------------------------------------------------------------------------------ input builders
 
@@ -95,7 +95,8 @@ def test_knn_gpu_peers_leave_the_cpu_libraries_out():
 
 
 def test_a_peer_limited_to_some_models_is_skipped_on_the_others():
-    from infofuse.bench.harness import Peer, peers_for_model
+    from infofuse.bench.case import Peer
+    from infofuse.bench.planning import peers_for_model
 
     anywhere, maxnorm = Peer("a", lambda: None), Peer("b", lambda: None, models=("chebyshev",))
     peers, skipped = peers_for_model([anywhere, maxnorm], {"c": "GPU only"}, "euclidean")
@@ -174,7 +175,7 @@ def test_quick_run_appends_and_plots(quick_run, tmp_path):
     png = out / "linear_cross_entropy.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     # results.json is a list that a second run appends to
-    from infofuse.bench.harness import write_json
+    from infofuse.bench.report import write_json
 
     copy = tmp_path / "results.json"
     copy.write_text(json.dumps(rows))
