@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .floor import GemmFloor
+
 __all__ = ["Case", "Config", "Inputs", "Options", "Peer", "first_line"]
 
 
@@ -36,7 +38,8 @@ class Inputs:
 
 
 class Case:
-    """What the harness needs to know about one op. Subclasses fill in the attributes and the four methods."""
+    """What the harness needs to know about one op. Subclasses fill in the attributes and the four methods, and
+    ``floor_gemms`` where GEMMs bound the op."""
 
     op: str = ""
     dims: tuple[str, ...] = ()  # names of a shape's entries, e.g. ("N", "D", "V")
@@ -62,6 +65,10 @@ class Case:
     def reference(self, inputs: Inputs, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
         """Ground-truth loss and gradients (of ``inputs.leaves``) computed in ``dtype``."""
         raise NotImplementedError
+
+    def floor_gemms(self, shape: tuple[int, ...], model: str) -> GemmFloor | None:
+        """The GEMMs that bound the op's time from below at ``shape`` (see ``floor``); None where none does."""
+        return None
 
 
 @dataclass(frozen=True)

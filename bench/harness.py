@@ -7,6 +7,7 @@ A newcomer reads the modules in this order:
 - ``timing``: CPU and CUDA timers, peers in turn, median and 20/80 % quantiles, the other processes' CPU share;
 - ``memory``: peak memory above inputs and gradients (CUDA peak; peak RSS of a fresh child process on CPU);
 - ``accuracy``: loss and gradient errors against the case's ground truth;
+- ``floor``: the GEMM floor, the op's least GEMM FLOPs over this machine's GEMM rate measured in the same process;
 - ``environment``: device name, versions and date recorded in every row;
 - ``report``: ratios, the rich table, the JSON rows; ``plot``: the PNG;
 - this module: ``run`` and ``_run_config``, which tie them together.
@@ -28,6 +29,7 @@ import torch
 from .accuracy import errors
 from .case import Case, Config, Inputs, Options, Peer, first_line
 from .environment import environment
+from .floor import add_floor_ratios, floor_fields, measure_gemm_rate, rate_shape
 from .memory import child_peak_bytes, cuda_peak_bytes, worker_main
 from .planning import configs, known_peer_names, peers_for_model, plan_peers
 from .plot import write_plot
@@ -92,6 +94,11 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
                 fns[p.name] = p.build()
         except Exception as exc:
             failures[p.name] = first_line(exc)
+    floor = case.floor_gemms(config.shape, config.model)
+    gemm = None if floor is None else rate_shape(*floor.gemm)
+    if gemm is not None:
+        say(f"{case.op} {config.model} {shape_str(case, config.shape)}: GEMM rate at {gemm}, before the timing")
+        rate_before = measure_gemm_rate(gemm, dtype, opts.device, seed=opts.seed)
     say(f"{case.op} {config.model} {shape_str(case, config.shape)}: timing {', '.join(fns)}")
     watch = OtherCpu()
     with warnings.catch_warnings():
@@ -99,6 +106,10 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
         samples, accuracy, failed = time_round_robin(fns, inputs, opts, ref, case.grad_labels, advance)
     other_cpu = None if on_gpu else watch.fraction()
     failures.update(failed)
+    rates = None
+    if gemm is not None:
+        rates = (rate_before, measure_gemm_rate(gemm, dtype, opts.device, seed=opts.seed))
+        say(f"{case.op} {config.model}: GEMM rate {rates[0]:.1f} GFLOP/s before the timing, {rates[1]:.1f} after")
 
     if opts.memory and on_gpu:
         for name, fn in fns.items():
@@ -128,6 +139,8 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
         "ref_dtype": ref_dtype,
         "memory_method": mem_method,
         "other_cpu": other_cpu,
+        **floor_fields(floor, rates),
+        "floor_note": None if floor is None else floor.what,
         "date": env["date"],
     }
     for p in peers:
@@ -149,6 +162,7 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
         }
         rows.append(row)
     add_ratios(rows, case)
+    add_floor_ratios(rows)
     for name, reason in skipped.items():
         rows.append({**base, "peer": name, "status": "skipped", "reason": reason})
     return rows

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .case import Case, Inputs, Peer
+from .floor import GemmFloor
 
 __all__ = ["CASE", "InfoNCECase", "make_inputs"]
 
@@ -80,6 +81,10 @@ class InfoNCECase(Case):
         image.requires_grad_()
         text.requires_grad_()
         return Inputs(args=(image, text, scale), leaves=(image, text))
+
+    def floor_gemms(self, shape, model) -> GemmFloor:
+        n, d = shape  # M = N: one text per image
+        return GemmFloor((n, n, d), fwd=1, both=3, what="3 GEMMs of 2·N·M·D (scores, dImage, dText); forward alone 1")
 
     def reference(self, inputs: Inputs, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
         from infofuse.reference import info_nce_reference

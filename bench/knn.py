@@ -17,6 +17,7 @@ import importlib
 import torch
 
 from .case import Case, Inputs, Peer
+from .floor import GemmFloor
 
 __all__ = ["CASE", "KnnEntropyCase"]
 
@@ -73,6 +74,17 @@ class KnnEntropyCase(Case):
         gen = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn(n, d, device=device, generator=gen).to(dtype).requires_grad_()
         return Inputs(args=(x, k, model), leaves=(x,))
+
+    def floor_gemms(self, shape, model) -> GemmFloor | None:
+        if model != "euclidean":
+            return None  # the max-norm has no GEMM form
+        n, d, _ = shape
+        return GemmFloor(
+            (n, n, d),
+            fwd=1,
+            both=1,  # the backward is O(N·d)
+            what="brute force's distance GEMM 2·N²·d; a tree search skips pairs and is not bounded by it",
+        )
 
     def reference(self, inputs: Inputs, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
         x, k, metric = inputs.args

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .case import Case, Inputs, Peer
+from .floor import GemmFloor
 
 __all__ = ["CASE", "LinearCrossEntropyCase", "make_inputs"]
 
@@ -106,6 +107,10 @@ class LinearCrossEntropyCase(Case):
         x.requires_grad_()
         w.requires_grad_()
         return Inputs(args=(x, w, t), leaves=(x, w))
+
+    def floor_gemms(self, shape, model) -> GemmFloor:
+        n, d, v = shape
+        return GemmFloor((n, v, d), fwd=1, both=3, what="3 GEMMs of 2·N·V·D (logits, dX, dW); forward alone 1")
 
     def reference(self, inputs: Inputs, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
         from infofuse.reference import linear_cross_entropy_reference

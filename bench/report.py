@@ -1,6 +1,6 @@
-"""What a run reports: each row's ratios to the case's baselines, the header line, the rich table of a configuration,
-and the JSON list the rows are appended to. A row carries the device name, versions, shape, dtype and date
-(``environment``)."""
+"""What a run reports: each row's ratios to the case's baselines, the header line, the rich table of a configuration
+(with the GEMM floor's columns and caption line where the op has one), and the JSON list the rows are appended to.
+A row carries the device name, versions, shape, dtype and date (``environment``) and the measured GEMM rate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from .case import Case
+from .floor import GEMM_RUNS
 
-__all__ = ["add_ratios", "header_line", "make_table", "shape_str", "write_json"]
+__all__ = ["add_ratios", "floor_line", "header_line", "make_table", "shape_str", "write_json"]
 
 
 def add_ratios(rows: list[dict], case: Case) -> None:
@@ -57,6 +58,17 @@ def header_line(env: dict) -> str:
     return " · ".join(parts)
 
 
+def floor_line(row: dict) -> str:
+    """The caption line of a configuration's GEMM floor: what it counts, the measured rate, the floor times."""
+    m, n, k = row["gemm_rate_shape"]
+    return (
+        f"GEMM floor: {row['floor_note']}: {row['floor_flops_both'] / 1e9:.1f} GFLOP at {row['gemm_gflops']:.1f} "
+        f"GFLOP/s = {_fmt_ms(row['floor_ms_both'])} ms (forward {_fmt_ms(row['floor_ms_fwd'])} ms); the rate: "
+        f"{row['dtype']} torch.mm {m}×{n}×{k}, {row['threads']} threads, best of ≥ {GEMM_RUNS}, "
+        f"{row['gemm_gflops_before']:.1f} before the timing and {row['gemm_gflops_after']:.1f} after"
+    )
+
+
 def make_table(case: Case, rows: list[dict]):
     """A rich Table for the rows of one configuration."""
     from rich.table import Table
@@ -66,9 +78,12 @@ def make_table(case: Case, rows: list[dict]):
     title = f"{case.op} · {shape} · {first['dtype']} · {first['model']} logits"
     labels = case.grad_labels
     ref = first.get("ref_dtype")
+    floor = first.get("floor_ms_both") is not None
     table = Table(title=title, title_justify="left")
     table.add_column("peer", no_wrap=True)
-    for col in ("fwd ms", "bwd ms", "fwd+bwd ms [p20-p80]", f"÷ {case.time_baseline}", "peak MiB"):
+    cols = ["fwd ms", "bwd ms", "fwd+bwd ms [p20-p80]", f"÷ {case.time_baseline}"]
+    cols += ["fwd ÷ floor", "÷ GEMM floor"] if floor else []
+    for col in [*cols, "peak MiB"]:
         table.add_column(col, justify="right")
     if case.memory_baseline:
         table.add_column(f"÷ {case.memory_baseline}", justify="right")
@@ -80,6 +95,8 @@ def make_table(case: Case, rows: list[dict]):
     busy = first.get("other_cpu")
     if busy is not None and busy > 0.05:
         notes.append(f"warning: other processes used {busy:.0%} of the CPUs while timing; the times are skewed")
+    if floor:
+        notes.append(floor_line(first))
     for r in rows:
         if r["status"] == "skipped":
             notes.append(f"skipped {r['peer']}: {r['reason']}")
@@ -96,6 +113,7 @@ def make_table(case: Case, rows: list[dict]):
             _fmt_ms((r.get("bwd_ms") or {}).get("median")),
             both_s,
             _fmt_ratio(r.get("both_ratio")),
+            *([_fmt_ratio(r.get("fwd_floor_ratio")), _fmt_ratio(r.get("both_floor_ratio"))] if floor else []),
             "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.1f}",
         ]
         if case.memory_baseline:

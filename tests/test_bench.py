@@ -199,6 +199,62 @@ def test_reference_out_of_memory_leaves_out_the_accuracy_columns(monkeypatch, tm
     assert "does not fit in memory" in capsys.readouterr().out
 
 
+def test_quick_run_rows_carry_the_gemm_floor(quick_run):
+    """Each row records the GEMM rate measured in the run and its time ÷ the 3-GEMM (forward: 1-GEMM) floor."""
+    _, rows = quick_run
+    for r in (r for r in rows if r["status"] == "ok"):
+        assert _finite_positive(r["gemm_gflops"]) and r["gemm_gflops"] == max(
+            r["gemm_gflops_before"], r["gemm_gflops_after"]
+        )
+        assert r["floor_gemms"] == {"fwd": 1, "both": 3} and r["floor_flops_both"] == 3 * 2 * 128 * 512 * 32
+        assert math.isclose(r["floor_ms_both"], r["floor_flops_both"] / (r["gemm_gflops"] * 1e9) * 1e3)
+        assert math.isclose(r["both_floor_ratio"], r["both_ms"]["median"] / r["floor_ms_both"])
+        assert math.isclose(r["fwd_floor_ratio"], r["fwd_ms"]["median"] / r["floor_ms_fwd"])
+
+
+# ------------------------------------------------------------------------------------------------ GEMM floor
+
+
+def test_gemm_floors_of_the_three_ops():
+    """Linear cross-entropy: 3 GEMMs of 2·N·V·D forward + backward, 1 forward; symmetric CLIP: 3 (1) of 2·N·M·D;
+    k-NN: brute force's distance GEMM 2·N²·d both ways, none for the max-norm (no GEMM form)."""
+    lce = get_case("linear_cross_entropy").floor_gemms((4096, 512, 32768), "gaussian")
+    assert lce.gemm == (4096, 32768, 512)
+    assert lce.flops("fwd") == 2 * 4096 * 32768 * 512 and lce.flops("both") == 3 * 2 * 4096 * 32768 * 512
+    nce = get_case("info_nce").floor_gemms((8192, 256), "clip")
+    assert nce.flops("fwd") == 2 * 8192 * 8192 * 256 and nce.flops("both") == 3 * 2 * 8192 * 8192 * 256
+    knn = get_case("knn_entropy")
+    euclid = knn.floor_gemms((100000, 16, 3), "euclidean")
+    assert euclid.flops("fwd") == euclid.flops("both") == 2 * 100000**2 * 16 and "tree" in euclid.what
+    assert knn.floor_gemms((100000, 16, 3), "chebyshev") is None
+
+
+def test_floor_fields_and_ratios():
+    from infofuse.bench.floor import GemmFloor, add_floor_ratios, floor_fields, gemm_flops, rate_shape
+
+    assert gemm_flops(3, 5, 7) == 210
+    assert rate_shape(4096, 32768, 512) == (2048, 8192, 512) and rate_shape(100, 200, 16) == (100, 200, 16)
+    floor = GemmFloor((1000, 2000, 500), fwd=1, both=3)
+    fields = floor_fields(floor, (100.0, 125.0))  # GFLOP/s before and after the timing: the better one counts
+    assert fields["gemm_gflops"] == 125.0 and fields["gemm_rate_shape"] == [1000, 2000, 500]
+    assert math.isclose(fields["floor_ms_fwd"], 2e9 / 125e9 * 1e3) and math.isclose(fields["floor_ms_both"], 48.0)
+    rows = [
+        {"fwd_ms": {"median": 32.0}, "both_ms": {"median": 60.0}, **fields},
+        {"fwd_ms": None, "both_ms": None, **fields},  # a failed peer
+        {"fwd_ms": {"median": 1.0}, "both_ms": {"median": 2.0}, **floor_fields(None, None)},  # no GEMM floor
+    ]
+    add_floor_ratios(rows)
+    assert math.isclose(rows[0]["fwd_floor_ratio"], 2.0) and math.isclose(rows[0]["both_floor_ratio"], 1.25)
+    assert rows[1]["both_floor_ratio"] is None and rows[2]["both_floor_ratio"] is None
+
+
+def test_measured_gemm_rate_is_a_rate():
+    from infofuse.bench.floor import measure_gemm_rate
+
+    rate = measure_gemm_rate((64, 128, 32), torch.float32, "cpu", runs=2)
+    assert _finite_positive(rate) and rate < 1e5  # GFLOP/s: below 100 TFLOP/s on any CPU
+
+
 # ------------------------------------------------------------------------------------------------ k-NN screening model
 
 
