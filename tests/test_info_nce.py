@@ -375,6 +375,64 @@ def test_gradcheck_float64(impl):
     assert torch.autograd.gradcheck(lambda q, k, s, b: siglip_loss(q, k, s, b, impl=impl), (*leaves, b))
 
 
+# ---------------------------------------------------------------- double backward
+
+
+def _contrastive(loss, impl, dtype, seed=30):
+    """``loss`` as a function of its floating tensors (embeddings, then scale / temperature / bias) and small
+    inputs for it: odd shapes, labels with false negatives, extra keys for info_nce and siglip."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    key_labels = torch.tensor([0, 1, 2, 2, 1, 0, 3])
+    q, k = embeddings(6, 7, 5, dtype, seed=seed)
+    scalar = torch.tensor(2.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    fns = {
+        "info_nce": (
+            lambda q, k, s: info_nce(q, k, scale=s, labels=labels, key_labels=key_labels, impl=impl),
+            [q, k, scalar],
+        ),
+        "clip_loss": (lambda q, k, s: clip_loss(q, k, s, impl=impl), [q, k[:6], scalar]),
+        "nt_xent": (lambda a, b, t: nt_xent(a, b, t, impl=impl), [q[:3], k[:3], 1 / scalar]),
+        "supcon_loss": (lambda f, t: supcon_loss(f, labels, t, impl=impl), [q, 1 / scalar]),
+        "siglip_loss": (
+            lambda q, k, s, b: siglip_loss(q, k, s, b, impl=impl),
+            [q, k, scalar, torch.randn((), generator=g, dtype=scalar.dtype)],
+        ),
+    }
+    return fns[loss]
+
+
+LOSSES = ["info_nce", "clip_loss", "nt_xent", "supcon_loss", "siglip_loss"]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_reference_supports_double_backward(loss):
+    """impl="reference" is plain PyTorch: its second derivatives (a gradient penalty's) are exact."""
+    fn, tensors = _contrastive(loss, "reference", torch.float64)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_double_backward_is_refused(impl, loss):
+    """The kernels' gradients are not differentiable again: create_graph=True raises (it used to fail inside
+    torch.mm(out=) or return gradients silently missing their second-order terms), and a first-order backward
+    through the same graph still runs and is right."""
+    _needs(impl)
+    fn, tensors = _contrastive(loss, impl, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    with pytest.raises(RuntimeError, match=r"infofuse\.\w+ does not support double backward"):
+        torch.autograd.grad(out, leaves, create_graph=True)
+    out.backward()
+    ref_fn, _ = _contrastive(loss, "reference", torch.float32)
+    ref_leaves = [t.clone().requires_grad_() for t in tensors]
+    ref_fn(*ref_leaves).backward()
+    for i, (a, b) in enumerate(zip(leaves, ref_leaves, strict=True)):
+        assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, name=f"{loss} grad {i}")
+
+
 # ---------------------------------------------------------------- custom-op machinery
 
 
@@ -559,3 +617,93 @@ def test_bad_input_is_reported_before_any_kernel():
     _bad(lambda: siglip_loss(q, k, "1", 0.0), TypeError, "logit_scale must be a float")
     _bad(lambda: clip_loss(q, k, 1.0), ValueError, r"symmetric=True needs .*M == N")
     _bad(lambda: nt_xent(q, k, 0.5), ValueError, r"z2 must have z1's shape")
+
+
+INF, NAN = float("inf"), float("nan")
+NON_FINITE = {
+    # name: (call on float32 q (6, 4), k (6, 4), labels (6,); the ValueError it must raise)
+    "scale_inf": (lambda q, k, y, impl: info_nce(q, k, scale=INF, impl=impl), r"^scale must be finite, got inf$"),
+    "scale_nan": (lambda q, k, y, impl: info_nce(q, k, scale=NAN, impl=impl), r"^scale must be finite, got nan$"),
+    "scale_overflows_float32": (
+        lambda q, k, y, impl: info_nce(q, k, scale=1e39, impl=impl),
+        r"^scale must be finite in float32, .* got scale = 1e\+39$",
+    ),
+    "scale_tensor_inf": (
+        lambda q, k, y, impl: info_nce(q, k, scale=torch.tensor(INF), impl=impl),
+        r"^scale must be finite, got inf$",
+    ),
+    "clip_logit_scale_tensor_inf": (
+        lambda q, k, y, impl: clip_loss(q, k, torch.tensor(INF, requires_grad=True), impl=impl),
+        r"^logit_scale must be finite, got inf$",
+    ),
+    "clip_logit_scale_nan": (lambda q, k, y, impl: clip_loss(q, k, NAN, impl=impl), r"^logit_scale must be finite"),
+    "nt_xent_tiny_temperature": (
+        lambda q, k, y, impl: nt_xent(q, k, 1e-320, impl=impl),
+        r"^1/temperature must be finite in float32, .* got temperature = 1e-320$",
+    ),
+    "nt_xent_temperature_inf": (
+        lambda q, k, y, impl: nt_xent(q, k, INF, impl=impl),
+        r"^temperature must be finite, got inf$",
+    ),
+    "nt_xent_temperature_tensor_nan": (
+        lambda q, k, y, impl: nt_xent(q, k, torch.tensor(NAN), impl=impl),
+        r"^temperature must be finite, got nan$",
+    ),
+    "supcon_tiny_temperature": (
+        lambda q, k, y, impl: supcon_loss(q, y, 1e-320, impl=impl),
+        r"^1/temperature must be finite in float32, .* got temperature = 1e-320$",
+    ),
+    "supcon_temperature_tensor_reciprocal_overflows_float32": (
+        lambda q, k, y, impl: supcon_loss(q, y, torch.tensor(1e-39, dtype=torch.float64), impl=impl),
+        r"^1/temperature must be finite in float32, .* got temperature = 1e-39$",
+    ),
+    "siglip_logit_scale_inf": (
+        lambda q, k, y, impl: siglip_loss(q, k, -INF, 0.0, impl=impl),
+        r"^logit_scale must be finite, got -inf$",
+    ),
+    "siglip_logit_bias_nan": (
+        lambda q, k, y, impl: siglip_loss(q, k, 2.0, NAN, impl=impl),
+        r"^logit_bias must be finite, got nan$",
+    ),
+    "siglip_logit_bias_tensor_inf": (
+        lambda q, k, y, impl: siglip_loss(q, k, 2.0, torch.tensor(INF, requires_grad=True), impl=impl),
+        r"^logit_bias must be finite, got inf$",
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_non_finite_scale_or_temperature_is_rejected(case, impl):
+    """A scale that is not finite, or a temperature whose reciprocal is not, made every loss NaN; it is a
+    ValueError naming the argument and its value, before any kernel runs (so for every backend alike)."""
+    _needs(impl)
+    q, k = embeddings(6, 6, 4, torch.float32, seed=23)
+    fn, match = NON_FINITE[case]
+    _bad(lambda: fn(q, k, torch.tensor([0, 1, 0, 2, 1, 0]), impl), ValueError, match)
+
+
+def test_large_finite_scales_pass_in_float64():
+    """The finiteness is that of the dtype the loss is computed in: 1e39 is a finite float64 scale."""
+    q, k = embeddings(6, 6, 4, torch.float64, seed=24)
+    assert torch.isfinite(info_nce(q / 1e37, k / 1e2, scale=1e39))
+    assert torch.isfinite(nt_xent(q / 1e38, k / 1e38, 1e-77))
+
+
+def test_non_finite_tensor_scales_fail_under_compile():
+    """Under torch.compile(fullgraph=True) the tensor checks are device assertions (no graph break, no sync)."""
+    q, k = embeddings(8, 8, 4, torch.float32, seed=25)
+
+    def step(q, k, s, b, t):
+        return clip_loss(q, k, s) + siglip_loss(q, k, s, b) + nt_xent(q, k, t)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    good = (torch.tensor(2.0), torch.tensor(-1.0), torch.tensor(0.5))
+    assert_close(compiled(q, k, *good), step(q, k, *good), rtol=1e-5, atol=1e-6, name="finite")
+    for name, (s, b, t) in {
+        "logit_scale": (INF, -1.0, 0.5),
+        "logit_bias": (2.0, NAN, 0.5),
+        "temperature": (2.0, -1.0, 1e-320),
+    }.items():
+        bad = [torch.tensor(x, dtype=torch.float64 if x == 1e-320 else torch.float32) for x in (s, b, t)]
+        _bad(lambda bad=bad: compiled(q, k, *bad), RuntimeError, f"infofuse: {name} must be finite")

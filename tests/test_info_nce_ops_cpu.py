@@ -331,6 +331,23 @@ def test_info_nce_opcheck_schema():
     torch.library.opcheck(ops.info_nce_backward.default, (*args, True, True, True), test_utils="test_schema")
 
 
+def test_info_nce_refuses_double_backward():
+    """The op's autograd formula raises under create_graph=True (info_nce_backward is not differentiable again:
+    without the check the gradient silently lacked its second-order terms); first order through the same graph
+    still runs and is right."""
+    case = NceCase(9, 9, 5, want_cols=True, labels=True, seed=13)
+    q, k, s = (t.clone().requires_grad_() for t in (case.q, case.k, case.scale.double()))
+    row_loss, _, col_loss, _ = ops.info_nce_forward(q, k, s, *case.int_args(), 0, False, True)
+    loss = (case.grad_row * row_loss).sum() + (case.grad_col * col_loss).sum()
+    with pytest.raises(RuntimeError, match=r"infofuse\.info_nce does not support double backward"):
+        torch.autograd.grad(loss, [q, k, s], create_graph=True)
+    gq, gk, gs = torch.autograd.grad(loss, [q, k, s])
+    _, (dq, dk, ds) = case.reference_grads()
+    assert_close(gq, dq, **F64, name="grad_query")
+    assert_close(gk, dk, **F64, name="grad_key")
+    assert_close(gs, ds, rtol=1e-9, atol=1e-10, name="grad_scale")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SigLIP
 
@@ -397,3 +414,20 @@ def test_siglip_graded(dtype):
     assert out[0].dtype == out[1].dtype == dtype
     for name, ours, ref, tru in zip(["dq", "dk", "dscale", "dbias"], out, same_grads, truth_grads, strict=True):
         assert_graded(ours, ref, tru, name=f"{dtype} {name}", floor=1e-6)
+
+
+def test_siglip_refuses_double_backward():
+    """As for info_nce: create_graph=True raises, the first-order gradient through the same graph is right."""
+    gen = _gen(14)
+    q0, k0 = _pair(7, 9, 4, gen)
+    grad_row = torch.randn(7, generator=gen, dtype=torch.float64)
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    loss = (grad_row * ops.siglip_forward(q, k, s, b)).sum()
+    with pytest.raises(RuntimeError, match=r"infofuse\.siglip_loss does not support double backward"):
+        torch.autograd.grad(loss, [q, k, s, b], create_graph=True)
+    got = torch.autograd.grad(loss, [q, k, s, b])
+    _, want = _siglip_reference_grads(q0, k0, s.detach(), b.detach(), grad_row, torch.float64, torch.float64)
+    for name, a, w in zip(["grad_query", "grad_key", "grad_scale", "grad_bias"], got, want, strict=True):
+        assert_close(a, w, rtol=1e-9, atol=1e-10, name=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -44,8 +45,34 @@ def _check_embeddings(query, key, query_name, key_name):
         )
 
 
-def _check_scalar(name: str, value, device, positive: bool):
-    """A float, or a 0-dim (or one-element) floating tensor on ``device``; > 0 where checkable for free."""
+# float32 rounds every |x| >= 2¹²⁸ − 2¹⁰³ (its largest finite value plus half an ulp) to inf.
+_OVERFLOW = {torch.float32: 2.0**128 - 2.0**103, torch.float64: math.inf}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _scalar_error(name: str, value: float, dtype: torch.dtype, positive: bool, reciprocal: bool) -> str:
+    """Why ``value`` of ``name`` failed ``_check_scalar``, in the order the conditions are checked."""
+    if not math.isfinite(value):
+        return f"{name} must be finite, got {value}"
+    if positive and not value > 0:
+        return f"{name} must be > 0, got {value}"
+    what = f"1/{name}" if reciprocal else name
+    return f"{what} must be finite in {_dtype_name(dtype)}, the dtype the loss is computed in; got {name} = {value}"
+
+
+def _check_scalar(name: str, value, device, dtype: torch.dtype, *, positive: bool, reciprocal: bool = False):
+    """Check a scale, bias or temperature and return the multiplier of the scores it stands for: ``value``, or
+    ``1 / value`` for a temperature (``reciprocal``).
+
+    ``value`` is a float or a one-element floating tensor on ``device``. It must be finite, > 0 where ``positive``,
+    and the multiplier finite in ``dtype`` (the dtype the loss is computed in: float32, float64 for float64
+    embeddings): an infinite scale, or a temperature whose reciprocal overflows, would make the loss NaN. Floats and
+    eager CPU tensors are checked on the host (a ValueError naming the argument and its value); CUDA tensors, and
+    every tensor under torch.compile, by ``torch._assert_async``: no host sync, no graph break.
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(value.shape)}")
@@ -53,13 +80,25 @@ def _check_scalar(name: str, value, device, positive: bool):
             raise TypeError(f"{name} must be floating point, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} must be on the embeddings' device {device}, got {value.device}")
-        if positive and value.device.type == "cpu" and not torch.compiler.is_compiling() and not value.item() > 0:
-            raise ValueError(f"{name} must be > 0, got {value.item()}")
-        return
+        multiplier = 1.0 / value if reciprocal else value
+        v = value.detach().reshape(())
+        ok = torch.isfinite(v) & torch.isfinite(multiplier.detach().reshape(()).to(dtype))
+        if positive:
+            ok = ok & (v > 0)
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(ok):
+                raise ValueError(_scalar_error(name, v.item(), dtype, positive, reciprocal))
+        else:
+            need = ("finite and > 0" if positive else "finite") + (", with a finite reciprocal" if reciprocal else "")
+            torch._assert_async(ok, f"infofuse: {name} must be {need} in {_dtype_name(dtype)}")
+        return multiplier
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if positive and not float(value) > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    v = float(value)
+    multiplier = 1.0 / v if reciprocal and v > 0 else v
+    if not math.isfinite(v) or (positive and not v > 0) or not abs(multiplier) < _OVERFLOW[dtype]:
+        raise ValueError(_scalar_error(name, v, dtype, positive, reciprocal))
+    return 1.0 / value if reciprocal else value
 
 
 def _check_index_vector(name: str, t, length: int, length_name: str, device):
@@ -124,13 +163,15 @@ def _pairwise(
     names=("query", "key"),
     scale_name="scale",
 ):
-    """Validation, backend choice and the reduction shared by info_nce and supcon_loss."""
+    """Validation, backend choice and the reduction shared by info_nce and its wrappers. ``scale_name`` None: the
+    caller has checked the scale (the reciprocal of a temperature it checked)."""
     _check_embeddings(query, key, *names)
     _check_common(reduction, impl)
     device = query.device
     if key.device != device:
         raise ValueError(f"{names[1]} must be on {names[0]}'s device {device}, got {key.device}")
-    _check_scalar(scale_name, scale, device, positive=True)
+    if scale_name is not None:
+        _check_scalar(scale_name, scale, device, _ops.acc_dtype(query.dtype), positive=True)
     n, m = query.shape[0], key.shape[0]
     if target is not None:
         _check_index_vector("target", target, n, "N", device)
@@ -224,8 +265,10 @@ def info_nce(
     Args:
         query: (N, D) embeddings, float32, bfloat16, float16 (or float64).
         key: (M, D) embeddings, same dtype; rows beyond the targets are extra (hard) negatives.
-        scale: the inverse temperature, a float > 0 or a 0-dim tensor (e.g. ``logit_scale.exp()``), which then
-            receives its gradient.
+        scale: the inverse temperature, a finite float > 0 or a 0-dim tensor (e.g. ``logit_scale.exp()``), which
+            then receives its gradient. A scale that is not finite (in float32 for float32/bf16/fp16 embeddings)
+            or not > 0 raises ValueError before any kernel runs; for a tensor on CUDA or under torch.compile the
+            check is an asynchronous device assertion (``torch._assert_async``) instead.
         target: (N,) integer, each query's positive column (default ``arange(N)``, which needs M >= N).
         labels: (N,) integer class labels: columns j ≠ target[i] whose label equals row i's leave row i's softmax
             (false-negative masking). key_labels: (M,) the keys' labels (default ``labels``, when M == N).
@@ -241,6 +284,9 @@ def info_nce(
     Returns:
         The loss, float32 (float64 for float64 embeddings). Gradients flow to query, key and a tensor scale,
         each in its own dtype, accumulated in float32.
+
+    Double backward (``create_graph=True``, e.g. a gradient penalty) is supported by ``impl="reference"`` only;
+    the other backends raise a RuntimeError saying so rather than return gradients without second-order terms.
     """
     with torch.profiler.record_function("infofuse::info_nce"):
         return _pairwise(
@@ -260,7 +306,8 @@ def clip_loss(
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
     ``logit_scale`` is the multiplier itself (open_clip passes ``model.logit_scale.exp()``): a float or a 0-dim
-    tensor that receives its gradient. image and text are (N, D); ``reduction`` and ``impl`` as in ``info_nce``.
+    tensor that receives its gradient; it must be finite and > 0 (checked as ``info_nce``'s ``scale``). image and
+    text are (N, D); ``reduction`` and ``impl`` as in ``info_nce``; double backward only with ``impl="reference"``.
     """
     with torch.profiler.record_function("infofuse::clip_loss"):
         return _pairwise(
@@ -293,7 +340,9 @@ def nt_xent(
         loss = F.cross_entropy(logits, target)
 
     The embeddings are used as given (normalise them first for SimCLR's cosine similarity). ``temperature`` > 0,
-    a float or a 0-dim tensor (then it receives its gradient). "none" returns the 2B per-anchor losses.
+    a float or a 0-dim tensor (then it receives its gradient), finite and with a finite reciprocal in the loss's
+    dtype (``temperature=1e-320`` raises ValueError: 1/temperature overflows). "none" returns the 2B per-anchor
+    losses. Double backward only with ``impl="reference"``.
     """
     with torch.profiler.record_function("infofuse::nt_xent"):
         _check_embeddings(z1, z2, "z1", "z2")
@@ -301,11 +350,12 @@ def nt_xent(
             raise ValueError(f"z2 must have z1's shape {tuple(z1.shape)}, got {tuple(z2.shape)}")
         if z2.device != z1.device:
             raise ValueError(f"z2 must be on z1's device {z1.device}, got {z2.device}")
-        _check_scalar("temperature", temperature, z1.device, positive=True)
+        scale = _check_scalar(
+            "temperature", temperature, z1.device, _ops.acc_dtype(z1.dtype), positive=True, reciprocal=True
+        )
         b = z1.shape[0]
         z = torch.cat([z1, z2])
         target = (torch.arange(2 * b, device=z.device) + b) % max(2 * b, 1)
-        scale = 1.0 / temperature
         return _pairwise(
             z,
             z,
@@ -319,7 +369,7 @@ def nt_xent(
             impl,
             supcon=False,
             names=("z1", "z2"),
-            scale_name="temperature",
+            scale_name=None,
         )
 
 
@@ -339,7 +389,8 @@ def supcon_loss(
     ``features`` may also be (B, V, D), V views per sample with ``labels`` (B,), flattened view-major as the
     reference SupConLoss does (``torch.cat(features.unbind(1))``, labels repeated V times). The positives come from
     the label vector inside the kernels; no N×N mask is built. Rows without a positive have loss 0 and leave the
-    mean (which is 0, never NaN, when no row has one). ``temperature`` > 0, a float or a 0-dim tensor.
+    mean (which is 0, never NaN, when no row has one). ``temperature`` > 0, a float or a 0-dim tensor, finite and
+    with a finite reciprocal (as in ``nt_xent``). Double backward only with ``impl="reference"``.
     """
     with torch.profiler.record_function("infofuse::supcon_loss"):
         if isinstance(features, torch.Tensor) and features.dim() == 3:
@@ -348,13 +399,15 @@ def supcon_loss(
             if isinstance(labels, torch.Tensor) and labels.dim() == 1:
                 labels = labels.repeat(views)
         _check_embeddings(features, features, "features", "features")
-        _check_scalar("temperature", temperature, features.device, positive=True)
+        scale = _check_scalar(
+            "temperature", temperature, features.device, _ops.acc_dtype(features.dtype), positive=True, reciprocal=True
+        )
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         return _pairwise(
             features,
             features,
-            1.0 / temperature,
+            scale,
             None,
             labels,
             labels,
@@ -364,7 +417,7 @@ def supcon_loss(
             impl,
             supcon=True,
             names=("features", "features"),
-            scale_name="temperature",
+            scale_name=None,
         )
 
 
@@ -386,16 +439,19 @@ def siglip_loss(
         loss = -F.logsigmoid(y * logits).sum() / N
 
     image (N, D), text (M, D) (rows of text beyond N are extra negatives). ``logit_scale`` (the multiplier, e.g.
-    ``model.logit_scale.exp()``) and ``logit_bias`` are floats or 0-dim tensors, and receive their gradients.
-    "mean" is open_clip's Σ/N; "sum" the plain sum; "none" the per-image sums.
+    ``model.logit_scale.exp()``) and ``logit_bias`` are floats or 0-dim tensors, and receive their gradients; both
+    must be finite (in float32 for float32/bf16/fp16 embeddings), else ValueError (an asynchronous device assertion
+    for tensors on CUDA or under torch.compile). "mean" is open_clip's Σ/N; "sum" the plain sum; "none" the
+    per-image sums. Double backward only with ``impl="reference"``.
     """
     with torch.profiler.record_function("infofuse::siglip_loss"):
         _check_embeddings(image, text, "image", "text")
         _check_common(reduction, impl)
         if text.device != image.device:
             raise ValueError(f"text must be on image's device {image.device}, got {text.device}")
-        _check_scalar("logit_scale", logit_scale, image.device, positive=False)
-        _check_scalar("logit_bias", logit_bias, image.device, positive=False)
+        acc = _ops.acc_dtype(image.dtype)
+        _check_scalar("logit_scale", logit_scale, image.device, acc, positive=False)
+        _check_scalar("logit_bias", logit_bias, image.device, acc, positive=False)
         impl = _resolve_impl(impl, image)
         if impl == "reference":
             return siglip_reference(
@@ -404,7 +460,7 @@ def siglip_loss(
                 scale=logit_scale,
                 bias=logit_bias,
                 reduction=reduction,
-                compute_dtype=_ops.acc_dtype(image.dtype),
+                compute_dtype=acc,
             )
         op = getattr(torch.ops.infofuse, _op_name(impl, "siglip", "forward"))
         row = op(image, text, _scale_tensor(logit_scale, image), _scale_tensor(logit_bias, image))

@@ -12,12 +12,16 @@ same schemas):
 
 The scale (and SigLIP's bias) is a 0-dim tensor input, float32 (float64 for float64 embeddings), read on the
 device: no host sync. Its gradient is Σ_ij G_ij·(q_i·k_j).
+
+The backward ops are not differentiable again: each backward formula starts with ``refuse_double_backward``, so
+``create_graph=True`` through these ops raises rather than returning gradients without their second-order terms.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._autograd import refuse_double_backward
 from ._library import define
 
 INFO_NCE_FORWARD_SCHEMA = (
@@ -125,6 +129,7 @@ def _info_nce_setup_context(ctx, inputs, output):
 def _info_nce_make_backward(backward_op):
     def backward(ctx, grad_row_loss, _grad_row_lse, grad_col_loss, _grad_col_lse):
         query, key, scale, target, labels, key_labels, col_target, row_lse, col_lse = ctx.saved_tensors
+        refuse_double_backward("info_nce", grad_row_loss, grad_col_loss, query, key, scale)
         mode, exclude_self, want_cols = ctx.options
         need = ctx.needs_input_grad[:3]
         if (grad_row_loss is None and grad_col_loss is None) or not any(need):
@@ -161,6 +166,7 @@ def _siglip_setup_context(ctx, inputs, output):
 def _siglip_make_backward(backward_op):
     def backward(ctx, grad_row):
         query, key, scale, bias = ctx.saved_tensors
+        refuse_double_backward("siglip_loss", grad_row, query, key, scale, bias)
         need = ctx.needs_input_grad[:4]
         if grad_row is None or not any(need):
             return None, None, None, None
