@@ -350,14 +350,14 @@ def test_retain_graph_second_backward(impl, reduction):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_three_dim_input_and_module(impl):
     x, w, t, b = make_inputs((2, 5), 12, 50, dtype=impl_dtype(impl), seed=10)
-    module = infofuse.LinearCrossEntropyLoss(reduction="none", label_smoothing=0.1, impl=impl)
+    module = infofuse.LinearCrossEntropy(reduction="none", label_smoothing=0.1, impl=impl)
     loss = module(x, w, t, b)
     assert loss.shape == (2, 5)
     want = linear_cross_entropy_reference(
         x, w, t, linear_bias=b, reduction="none", label_smoothing=0.1, compute_dtype=impl_dtype(impl)
     )
     assert_close(loss, want, rtol=impl_rtol(impl), atol=impl_rtol(impl), name="module loss")
-    weighted = infofuse.LinearCrossEntropyLoss(weight=torch.rand(50), impl=impl)
+    weighted = infofuse.LinearCrossEntropy(weight=torch.rand(50), impl=impl)
     assert "weight" in dict(weighted.named_buffers())
     assert "reduction='mean'" in repr(weighted)
 

@@ -9,7 +9,15 @@ from ._ext import build_info, cpp_available
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 from .knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from .linear_cross_entropy import available_impls, linear_cross_entropy
-from .modules import ClipLoss, InfoNCELoss, LinearCrossEntropyLoss, NTXentLoss, SigLipLoss, SupConLoss
+from .modules import (
+    ClipLoss,
+    InfoNCELoss,
+    LinearCrossEntropy,
+    LinearCrossEntropyLoss,
+    NTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+)
 from .reference import info_nce_reference, knn_reference, linear_cross_entropy_reference, siglip_reference
 
 __version__ = "0.1.0"
@@ -17,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipLoss",
     "InfoNCELoss",
+    "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
     "NTXentLoss",
     "SigLipLoss",

@@ -43,13 +43,22 @@ def linear_cross_entropy_reference(
     non-ignored tokens (the cross-entropy term keeps PyTorch's divisor, Σ weight[target]).
     ``reduction="none"`` returns the per-token loss in ``target``'s shape (0 at ignored tokens);
     ``return_lse=True`` returns ``(loss, lse)`` with the per-token log-sum-exp in ``target``'s shape.
+
+    A floating-point ``target`` of shape ``input.shape[:-1] + (V,)`` holds class probabilities and goes to
+    ``F.cross_entropy`` as such (cast to ``compute_dtype``, so it gets a gradient if it requires one): "mean" then
+    divides by the number of rows, the z-loss term too, and the loss and lse have shape ``input.shape[:-1]``.
     """
     logits = F.linear(input, linear_weight, linear_bias).to(compute_dtype)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     v = logits.shape[-1]
+    batch_shape = input.shape[:-1]
     logits = logits.reshape(-1, v)
-    flat_target = target.reshape(-1).long()
+    soft = target.is_floating_point() and tuple(target.shape) == (*batch_shape, v)
+    if soft:  # class probabilities: F.cross_entropy's probability-target definition (no ignore_index)
+        flat_target = target.reshape(-1, v).to(compute_dtype)
+    else:
+        flat_target = target.reshape(-1).long()
     class_weight = None if weight is None else weight.to(compute_dtype)
     loss = F.cross_entropy(
         logits,
@@ -61,7 +70,7 @@ def linear_cross_entropy_reference(
     )
     lse = torch.logsumexp(logits, dim=-1)
     if z_loss != 0.0:
-        valid = flat_target != ignore_index
+        valid = torch.ones_like(lse, dtype=torch.bool) if soft else flat_target != ignore_index
         z_term = z_loss * lse.square() * valid
         if reduction == "mean":
             # clamp: with no valid token the loss is already NaN (PyTorch's 0/0) and the gradients stay 0
@@ -71,9 +80,9 @@ def linear_cross_entropy_reference(
         else:
             loss = loss + z_term
     if reduction == "none":
-        loss = loss.reshape(target.shape)
+        loss = loss.reshape(batch_shape)
     if return_lse:
-        return loss, lse.reshape(target.shape)
+        return loss, lse.reshape(batch_shape)
     return loss
 
 
