@@ -12,11 +12,14 @@ the floor of the same phase.
 The ratio is partly self-normalising on a loaded machine: the GEMM rate is measured beside the same other processes
 as the peers, so a machine slowed uniformly slows both. It is not wholly so: load changes between the two
 measurements and during the timing, and the best of a few short GEMMs catches quiet moments more easily than a
-whole step of several seconds does.
+whole step of several seconds does. So each timed step is also paired with one GEMM run right before it
+(``GemmProbe``), and the "paired" ratio is the median over the steps of step time ÷ the floor at that GEMM's rate:
+the closest this process can come to timing the peer and the machine under the same load.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -25,6 +28,8 @@ import torch
 __all__ = [
     "GEMM_RUNS",
     "GemmFloor",
+    "GemmProbe",
+    "paired_fields",
     "add_floor_ratios",
     "floor_fields",
     "gemm_flops",
@@ -85,6 +90,44 @@ def measure_gemm_rate(
             best = min(best, time.perf_counter() - t0)
         i += 1
     return gemm_flops(m, n, k) / best / 1e9
+
+
+class GemmProbe:
+    """One run of the measured GEMM, called right before each timed step: the machine's rate beside that step."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: str, seed: int = 0):
+        m, n, k = shape
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.a = torch.randn(m, k, device=device, generator=gen).to(dtype)
+        self.b = torch.randn(n, k, device=device, generator=gen).to(dtype)
+        self.c = torch.empty(m, n, device=device, dtype=dtype)
+        self.flops = gemm_flops(m, n, k)
+        self.on_gpu = device.startswith("cuda")
+
+    def __call__(self) -> float:
+        """GFLOP/s of one run."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(self.a, self.b.t(), out=self.c)
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        return self.flops / (time.perf_counter() - t0) / 1e9
+
+
+def paired_fields(floor: GemmFloor | None, samples: dict) -> dict:
+    """From one peer's samples (``fwd``, ``both`` in ms and ``gemm``, the GFLOP/s of the probe run before each step):
+    the median probe rate and the median over the steps of step time ÷ the floor at that step's rate."""
+    rates = samples.get("gemm") or []
+    if floor is None or not rates:
+        return {"gemm_gflops_paired": None, "fwd_floor_ratio_paired": None, "both_floor_ratio_paired": None}
+    out = {"gemm_gflops_paired": statistics.median(rates)}
+    for phase in ("fwd", "both"):
+        # t ms at r GFLOP/s is t·r·1e6 FLOPs' worth of GEMM time
+        out[f"{phase}_floor_ratio_paired"] = statistics.median(
+            t * r * 1e6 / floor.flops(phase) for t, r in zip(samples[phase], rates, strict=True)
+        )
+    return out
 
 
 def floor_fields(floor: GemmFloor | None, rates: tuple[float, float] | None) -> dict:

@@ -29,7 +29,7 @@ import torch
 from .accuracy import errors
 from .case import Case, Config, Inputs, Options, Peer, first_line
 from .environment import environment
-from .floor import add_floor_ratios, floor_fields, measure_gemm_rate, rate_shape
+from .floor import GemmProbe, add_floor_ratios, floor_fields, measure_gemm_rate, paired_fields, rate_shape
 from .memory import child_peak_bytes, cuda_peak_bytes, worker_main
 from .planning import configs, known_peer_names, peers_for_model, plan_peers
 from .plot import write_plot
@@ -99,11 +99,13 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
     if gemm is not None:
         say(f"{case.op} {config.model} {shape_str(case, config.shape)}: GEMM rate at {gemm}, before the timing")
         rate_before = measure_gemm_rate(gemm, dtype, opts.device, seed=opts.seed)
+    probe = None if gemm is None else GemmProbe(gemm, dtype, opts.device, seed=opts.seed)
     say(f"{case.op} {config.model} {shape_str(case, config.shape)}: timing {', '.join(fns)}")
     watch = OtherCpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        samples, accuracy, failed = time_round_robin(fns, inputs, opts, ref, case.grad_labels, advance)
+        samples, accuracy, failed = time_round_robin(fns, inputs, opts, ref, case.grad_labels, advance, probe)
+    del probe
     other_cpu = None if on_gpu else watch.fraction()
     failures.update(failed)
     rates = None
@@ -145,7 +147,7 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
     }
     for p in peers:
         reason = failures.get(p.name)
-        s = samples.get(p.name, {"fwd": [], "bwd": [], "both": []})
+        s = samples.get(p.name, {"fwd": [], "bwd": [], "both": [], "gemm": []})
         peak = memory.get(p.name)
         row = {
             **base,
@@ -158,6 +160,7 @@ def _run_config(case: Case, config: Config, peers, skipped, opts: Options, env: 
             "both_ms": summary(s["both"]),
             "peak_mb": None if peak is None else peak / 2**20,
             "memory_note": mem_notes.get(p.name) or None,
+            **paired_fields(floor, s),
             **accuracy.get(p.name, {}),
         }
         rows.append(row)

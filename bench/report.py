@@ -58,6 +58,9 @@ def header_line(env: dict) -> str:
     return " · ".join(parts)
 
 
+_FLOOR_FIELDS = ("fwd_floor_ratio", "both_floor_ratio", "both_floor_ratio_paired")  # the floor's columns
+
+
 def floor_line(row: dict) -> str:
     """The caption line of a configuration's GEMM floor: what it counts, the measured rate, the floor times."""
     m, n, k = row["gemm_rate_shape"]
@@ -65,7 +68,8 @@ def floor_line(row: dict) -> str:
         f"GEMM floor: {row['floor_note']}: {row['floor_flops_both'] / 1e9:.1f} GFLOP at {row['gemm_gflops']:.1f} "
         f"GFLOP/s = {_fmt_ms(row['floor_ms_both'])} ms (forward {_fmt_ms(row['floor_ms_fwd'])} ms); the rate: "
         f"{row['dtype']} torch.mm {m}×{n}×{k}, {row['threads']} threads, best of ≥ {GEMM_RUNS}, "
-        f"{row['gemm_gflops_before']:.1f} before the timing and {row['gemm_gflops_after']:.1f} after"
+        f"{row['gemm_gflops_before']:.1f} before the timing and {row['gemm_gflops_after']:.1f} after; paired: "
+        "each step ÷ the floor at the rate of one GEMM run just before it, median over the steps"
     )
 
 
@@ -82,7 +86,7 @@ def make_table(case: Case, rows: list[dict]):
     table = Table(title=title, title_justify="left")
     table.add_column("peer", no_wrap=True)
     cols = ["fwd ms", "bwd ms", "fwd+bwd ms [p20-p80]", f"÷ {case.time_baseline}"]
-    cols += ["fwd ÷ floor", "÷ GEMM floor"] if floor else []
+    cols += ["fwd ÷ floor", "÷ GEMM floor", "÷ floor, paired"] if floor else []
     for col in [*cols, "peak MiB"]:
         table.add_column(col, justify="right")
     if case.memory_baseline:
@@ -113,7 +117,7 @@ def make_table(case: Case, rows: list[dict]):
             _fmt_ms((r.get("bwd_ms") or {}).get("median")),
             both_s,
             _fmt_ratio(r.get("both_ratio")),
-            *([_fmt_ratio(r.get("fwd_floor_ratio")), _fmt_ratio(r.get("both_floor_ratio"))] if floor else []),
+            *(_fmt_ratio(r.get(f)) for f in _FLOOR_FIELDS if floor),
             "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.1f}",
         ]
         if case.memory_baseline:

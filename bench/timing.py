@@ -98,11 +98,16 @@ def summary(values: list[float]) -> dict | None:
     return {"median": quantile(values, 0.5), "p20": quantile(values, 0.2), "p80": quantile(values, 0.8)}
 
 
-def time_round_robin(fns: dict, inputs: Inputs, opts: Options, ref, labels, advance) -> tuple[dict, dict, dict]:
-    """Times every peer ``warmup + reps`` times, taking turns. Returns (samples, accuracy, failures)."""
+def time_round_robin(
+    fns: dict, inputs: Inputs, opts: Options, ref, labels, advance, probe=None
+) -> tuple[dict, dict, dict]:
+    """Times every peer ``warmup + reps`` times, taking turns. Returns (samples, accuracy, failures).
+
+    ``probe``, if given, runs right before each timed step and its result (the GEMM rate then, see ``floor``) is kept
+    beside the step's times as ``samples[peer]["gemm"]``."""
     timer = CudaTimer(opts.device) if opts.device.startswith("cuda") else CpuTimer()
     names = list(fns)
-    samples = {n: {"fwd": [], "bwd": [], "both": []} for n in names}
+    samples = {n: {"fwd": [], "bwd": [], "both": [], "gemm": []} for n in names}
     accuracy: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for rep in range(opts.warmup + opts.reps):
@@ -110,6 +115,7 @@ def time_round_robin(fns: dict, inputs: Inputs, opts: Options, ref, labels, adva
         for name in names[k:] + names[:k]:
             if name not in failed:
                 clear_grads(inputs.leaves)
+                rate = probe() if probe is not None and rep >= opts.warmup else None
                 try:
                     loss, fwd, bwd = timer.step(fns[name], inputs)
                 except Exception as exc:  # a peer that breaks at this shape is reported, not fatal
@@ -123,6 +129,8 @@ def time_round_robin(fns: dict, inputs: Inputs, opts: Options, ref, labels, adva
                     samples[name]["fwd"].append(fwd)
                     samples[name]["bwd"].append(bwd)
                     samples[name]["both"].append(fwd + bwd)
+                    if rate is not None:
+                        samples[name]["gemm"].append(rate)
                 del loss
                 clear_grads(inputs.leaves)
                 advance(f"  {name}: {'warm-up' if rep < opts.warmup else 'rep'} {rep + 1}, {fwd + bwd:.1f} ms")

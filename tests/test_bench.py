@@ -210,6 +210,7 @@ def test_quick_run_rows_carry_the_gemm_floor(quick_run):
         assert math.isclose(r["floor_ms_both"], r["floor_flops_both"] / (r["gemm_gflops"] * 1e9) * 1e3)
         assert math.isclose(r["both_floor_ratio"], r["both_ms"]["median"] / r["floor_ms_both"])
         assert math.isclose(r["fwd_floor_ratio"], r["fwd_ms"]["median"] / r["floor_ms_fwd"])
+        assert _finite_positive(r["gemm_gflops_paired"]) and _finite_positive(r["both_floor_ratio_paired"])
 
 
 # ------------------------------------------------------------------------------------------------ GEMM floor
@@ -248,11 +249,28 @@ def test_floor_fields_and_ratios():
     assert rows[1]["both_floor_ratio"] is None and rows[2]["both_floor_ratio"] is None
 
 
+def test_paired_ratio_takes_each_step_at_its_own_rate():
+    """A step of t ms beside a GEMM run at r GFLOP/s is t·r·1e6 FLOPs' worth of GEMM time; the paired ratio is the
+    median over the steps of that ÷ the floor's FLOPs, so a machine slowed for one step does not move it."""
+    from infofuse.bench.floor import GemmFloor, paired_fields
+
+    floor = GemmFloor((1000, 1000, 500), fwd=1, both=3)  # 1 and 3 GFLOP
+    # three steps of 3 GFLOP's worth each at their own rates (the second at half speed), one skewed at the end
+    samples = {"fwd": [10.0, 20.0, 10.0, 30.0], "both": [30.0, 60.0, 30.0, 90.0], "gemm": [100.0, 50.0, 100.0, 100.0]}
+    got = paired_fields(floor, samples)
+    assert got["gemm_gflops_paired"] == 100.0
+    assert math.isclose(got["both_floor_ratio_paired"], 1.0) and math.isclose(got["fwd_floor_ratio_paired"], 1.0)
+    assert paired_fields(None, samples)["both_floor_ratio_paired"] is None
+    assert paired_fields(floor, {**samples, "gemm": []})["both_floor_ratio_paired"] is None
+
+
 def test_measured_gemm_rate_is_a_rate():
-    from infofuse.bench.floor import measure_gemm_rate
+    from infofuse.bench.floor import GemmProbe, measure_gemm_rate
 
     rate = measure_gemm_rate((64, 128, 32), torch.float32, "cpu", runs=2)
     assert _finite_positive(rate) and rate < 1e5  # GFLOP/s: below 100 TFLOP/s on any CPU
+    probe = GemmProbe((64, 128, 32), torch.float32, "cpu")
+    assert probe.flops == 2 * 64 * 128 * 32 and _finite_positive(probe())
 
 
 # ------------------------------------------------------------------------------------------------ k-NN screening model
