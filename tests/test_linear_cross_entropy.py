@@ -745,9 +745,9 @@ def test_fused_workspace_slices_with_atomics(monkeypatch):
 
 
 def _plain_mean_coefficients(n):
-    """The fused backward's per-row coefficients (a, b, c) of plain mean cross-entropy."""
-    a = torch.full((n,), 1.0 / n)
-    return a, a.clone(), torch.zeros(n)
+    """The fused backward's per-row coefficients (a, b, c) of plain mean cross-entropy: g = a·p + b·(p − 1[t]) − c."""
+    b = torch.full((n,), 1.0 / n)
+    return torch.zeros(n), b, torch.zeros(n)
 
 
 def test_fused_filter_skips_exactly_the_tail_tiles():
@@ -801,3 +801,18 @@ def test_fused_default_filter_keeps_pytorch_accuracy_on_lm_logits(dtype):
     truth = run(truth_fn, x, w, t, None, grad_scale=1.0)
     for key in ("loss", "dx", "dw"):
         assert_graded(ours[key], same[key], truth[key], name=f"{key} ({dtype})", factor=1.25, floor=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", ["one_class_z_loss", "saturated_softcap"])
+def test_certain_rows_and_saturated_softcap_keep_precision(impl, case):
+    """Two places where a float32 gradient can lose every digit, graded against PyTorch's float32 error:
+    a row whose p_t rounds to 1 (V = 1) under z-loss, where (a + b)·p_t − b cancelled the z-loss term; and logits
+    deep in a softcap's saturation, where 1 − (ẑ/c)² of the rounded capped logit replaced 1 − tanh²(z/c)."""
+    if case == "one_class_z_loss":
+        x, w, t, b = make_inputs((1,), 8, 1, bias=False, ignore_frac=0.0)
+        kw = {"z_loss": 0.02}
+    else:
+        x, w, t, b = make_inputs((1,), 2, 1, bias=False, ignore_frac=0.0)
+        kw = {"softcap": 0.7, "z_loss": 0.02}
+    check_graded_float32(impl, x, w, t, b, **kw)

@@ -16,6 +16,17 @@ def softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def softcap_slope(z, softcap):
+    """d/dz cap·tanh(z/cap) = 1 − tanh²(z/cap) of the raw logit z, in float32.
+
+    Written as 4e/(1 + e)² with e = exp(−2|z|/cap): accurate to rounding where tanh saturates, where 1 − u² of
+    the rounded softcapped value u keeps no correct digit.
+    """
+    e = tl.exp(-2.0 * tl.abs(z) / softcap)
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def logit_tile(
     x_ptr,
     w_ptr,

@@ -6,7 +6,7 @@ TF32), and keeps per row an online max and sum of exps, the target logit and Σ_
 states are merged afterwards (MATH.md, online log-sum-exp): O(N) floats out per slice.
 
 Backward (``lce_fused_grads``): programs recompute (BLOCK_N × BLOCK_V) logit tiles and form the gradient tile
-``g = (a·p − c·w − b·[j = t])·softcap′`` from per-row coefficients. One pass owns blocks of dX rows and adds
+``g = (a·p + b·(p − [j = t]) − c·w)·softcap′`` from per-row coefficients. One pass owns blocks of dX rows and adds
 ``g·W_tile`` over the vocabulary, the other owns blocks of dW rows (and db) and adds ``gᵀ·X_blk`` over the rows,
 BLOCK_D columns at a time, into float32 accumulators: the gradient itself for float32, else a bounded float32
 slice rounded once into the bf16/fp16 gradient. Neither a V×D nor an N×D float32 buffer is held: the extra memory
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_block, logit_tile, softcapped
+from ._common import dot_block, logit_tile, softcap_slope, softcapped
 
 __all__ = ["lce_fused_grads", "lce_fused_partials"]
 
@@ -160,6 +160,7 @@ def _grad_tile(
         BLOCK_V,
         BLOCK_D,
     )
+    z_raw = z
     z = softcapped(z, softcap, HAS_SOFTCAP)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -170,11 +171,11 @@ def _grad_tile(
         w_col = tl.load(weight_ptr + cols, mask=col_mask, other=0.0)
     else:
         w_col = tl.full((BLOCK_V,), 1.0, tl.float32)
-    g = a[:, None] * tl.exp(z - lse[:, None]) - c[:, None] * w_col[None, :]
-    g -= tl.where(cols[None, :] == t[:, None], b[:, None], 0.0)
+    p = tl.exp(z - lse[:, None])
+    g = a[:, None] * p + b[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+    g -= c[:, None] * w_col[None, :]
     if HAS_SOFTCAP:
-        u = z / softcap
-        g = g * (1.0 - u * u)
+        g = g * softcap_slope(z_raw, softcap)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
 
 
@@ -226,7 +227,7 @@ def _lce_fused_bwd_kernel(
     ``out_ptr`` points at row ``own0`` of a float32 accumulator. Program (i, s) of (·, S) takes the inner blocks
     s, s + S, s + 2S, …; with S > 1 (ATOMIC) the programs of one output block add with float32 atomics, with
     S = 1 each output element is summed by one program in a fixed order (bitwise reproducible).
-    FILTER (dW pass): skip the GEMM of a tile where every |g_ij| <= filter_eps·|a_i|, i.e. p_ij·softcap′ <=
+    FILTER (dW pass): skip the GEMM of a tile where every |g_ij| <= filter_eps·|a_i + b_i|, i.e. p_ij·softcap′ <=
     filter_eps and no target falls in it (bench/NOTES.md: why dX is never filtered).
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -284,7 +285,7 @@ def _lce_fused_bwd_kernel(
                 )
         keep = True
         if FILTER:
-            a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
+            a = tl.load(a_ptr + rows, mask=row_mask, other=0.0) + tl.load(b_coef_ptr + rows, mask=row_mask, other=0.0)
             keep = tl.max(tl.max(tl.abs(g) - filter_eps * tl.abs(a)[:, None], axis=1), axis=0) > 0.0
             if COUNT:
                 tl.atomic_add(count_ptr, 1 - keep.to(tl.int32))

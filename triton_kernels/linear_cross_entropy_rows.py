@@ -5,10 +5,12 @@ the row once for the online max and sum of exps, the target logit and every loss
 softcap, class weights), writes the row's lse and loss terms, then writes the gradient of the loss with respect
 to the (pre-softcap) logits over the row:
 
-    g_j = (a·p_j − c·w_j − b·[j = t]) · (softcap ? 1 − (ẑ_j/cap)² : 1),   p_j = exp(ẑ_j − lse)
+    g_j = (a·p_j + b·(p_j − [j = t]) − c·w_j) · (softcap ? 1 − tanh²(z_j/cap) : 1),   p_j = exp(ẑ_j − lse)
 
-with a = g_ce·((1−ε)·w_t + ε/V·Σw) + g_z·2λ·lse + g_lse, b = g_ce·(1−ε)·w_t, c = g_ce·ε/V (MATH.md). All
-arithmetic is float32 whatever the logits' dtype. Row offsets are int64 (rows·V can pass 2³¹).
+with a = g_ce·ε/V·Σw + g_z·2λ·lse + g_lse, b = g_ce·(1−ε)·w_t, c = g_ce·ε/V (MATH.md). The target's term is
+b·(p_t − 1) + a·p_t, not (a + b)·p_t − b: where p_t rounds to 1 (one class, or a certain row) the cross-entropy
+part is exactly 0 and the z-loss part keeps its precision. All arithmetic is float32 whatever the logits' dtype.
+Row offsets are int64 (rows·V can pass 2³¹).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import softcapped
+from ._common import softcap_slope, softcapped
 
 __all__ = ["linear_cross_entropy_rows"]
 
@@ -94,7 +96,7 @@ def _lce_rows_kernel(
         g_up = tl.load(grad_ptr + row * stride_grad).to(tl.float32)
         g_ce = tl.where(valid, g_up * tl.load(scale_ptr), 0.0)
         g_z = tl.where(valid, g_up * tl.load(scale_ptr + 1), 0.0)
-        a = g_ce * ((1.0 - eps) * w_t + eps / V * weight_all) + g_z * 2.0 * z_loss * lse
+        a = g_ce * eps / V * weight_all + g_z * 2.0 * z_loss * lse
         if HAS_LSE_GRAD:
             a += tl.load(lse_grad_ptr + row).to(tl.float32)
         b = g_ce * (1.0 - eps) * w_t
@@ -102,16 +104,16 @@ def _lce_rows_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             mask = cols < V
-            z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = softcapped(z, softcap, HAS_SOFTCAP)
+            z_raw = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
+            z = softcapped(z_raw, softcap, HAS_SOFTCAP)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 w = 1.0
-            g = a * tl.exp(z - lse) - c * w - tl.where(cols == t, b, 0.0)
+            p = tl.exp(z - lse)
+            g = a * p + b * (p - tl.where(cols == t, 1.0, 0.0)) - c * w
             if HAS_SOFTCAP:
-                u = z / softcap
-                g = g * (1.0 - u * u)
+                g = g * softcap_slope(z_raw, softcap)
             tl.store(z_row + cols * stride_zv, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 

@@ -33,8 +33,17 @@ struct Options {
   int64_t ignore_index;
   double label_smoothing;
   double z_loss;
-  double softcap;  // <= 0: off
+  double softcap;      // <= 0: off (the op's None)
+  int64_t chunk_size;  // <= 0: chosen here (the op's None)
 };
+
+Options make_options(int64_t reduction, int64_t ignore_index, double label_smoothing, double z_loss,
+                     std::optional<double> softcap, std::optional<int64_t> chunk_size) {
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, "softcap must be None or > 0, got ", softcap.value_or(0));
+  TORCH_CHECK_VALUE(!chunk_size.has_value() || *chunk_size >= 1, "chunk_size must be None or >= 1, got ",
+                    chunk_size.value_or(0));
+  return {reduction, ignore_index, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size.value_or(0)};
+}
 
 struct TargetStats {
   int64_t n_valid = 0;        // rows whose target is not ignore_index
@@ -135,13 +144,17 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch((kInPlace && cap <= 0) ? 0 : v);
+    std::vector<acc_t> slopes((cap > 0 && want_grad) ? v : 0);  // 1 − tanh²(z/cap) of the raw logits
+    acc_t* slope = slopes.empty() ? nullptr : slopes.data();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t row = r0 + i;
       scalar_t* z_row = chunk + i * v;
       acc_t* z = (kInPlace && cap <= 0) ? reinterpret_cast<acc_t*>(z_row) : scratch.data();
       if (cap > 0) {
-        const acc_t inv_cap = acc_t(1) / cap;
-        for (int64_t j = 0; j < v; ++j) z[j] = cap * std::tanh(static_cast<acc_t>(z_row[j]) * inv_cap);
+        for (int64_t j = 0; j < v; ++j) {
+          acc_t unused;
+          softcap_slope(static_cast<acc_t>(z_row[j]), cap, z + j, slope ? slope + j : &unused);
+        }
       } else if (!kInPlace) {
         for (int64_t j = 0; j < v; ++j) z[j] = static_cast<acc_t>(z_row[j]);
       }
@@ -178,13 +191,17 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
       const acc_t g_ce = valid ? g_up * gs.ce_scale : acc_t(0);
       const acc_t g_z = valid ? g_up * gs.z_scale : acc_t(0);
       const acc_t g_lse = gs.lse_grad ? gs.lse_grad[row] : acc_t(0);
-      const acc_t a = g_ce * ((acc_t(1) - eps) * wt + eps_v * w_all) + g_z * acc_t(2) * lam * l + g_lse;
+      // g_j = a·p_j + b·(p_j − [j = t]) − c·w_j: the coefficient of p beyond the target's b, then b itself
+      const acc_t a = g_ce * eps_v * w_all + g_z * acc_t(2) * lam * l + g_lse;
       const acc_t b = g_ce * (acc_t(1) - eps) * wt;
       const acc_t c = g_ce * eps_v;
-      row_grad(z, w, v, l, a, c, cap);
+      row_grad(z, w, v, l, a + b, c, slope);
       if (valid) {
-        const acc_t u = cap > 0 ? zt / cap : acc_t(0);
-        z[t] -= b * (acc_t(1) - u * u);
+        // The target's entry as b·(p_t − 1) + a·p_t, not (a + b)·p_t − b: where p_t rounds to 1 (one class, a
+        // certain row) the cross-entropy part is exactly 0 and the z-loss part keeps its precision.
+        const acc_t p_t = std::exp(zt - l);
+        const acc_t w_t = w ? w[t] : acc_t(1);
+        z[t] = (a * p_t + b * (p_t - acc_t(1)) - c * w_t) * (slope ? slope[t] : acc_t(1));
       }
       if (z != reinterpret_cast<acc_t*>(z_row)) {
         for (int64_t j = 0; j < v; ++j) z_row[j] = static_cast<scalar_t>(z[j]);
@@ -311,9 +328,9 @@ void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
     const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t chunk_size, bool grad_input,
-    bool grad_weight, bool grad_bias) {
-  const Options opt{reduction, ignore_index, label_smoothing, z_loss, softcap};
+    int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
+    std::optional<int64_t> chunk_size, bool grad_input, bool grad_weight, bool grad_bias) {
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
   check_args(input, linear_weight, target, linear_bias, weight, opt);
   const int64_t n = input.size(0), v = linear_weight.size(0);
   const at::Tensor tgt = target.contiguous();
@@ -338,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     std::optional<GradAccumulator> acc;
     if (want_grads) acc.emplace(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
-                                chunk_size, /*forward=*/true, lse.data_ptr<acc_t>(), ce.data_ptr<acc_t>(),
+                                opt.chunk_size, /*forward=*/true, lse.data_ptr<acc_t>(), ce.data_ptr<acc_t>(),
                                 zl.data_ptr<acc_t>(), acc ? &*acc : nullptr, gs);
     if (acc) grads = acc->finish(input, linear_bias);
 
@@ -369,9 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& input,
     const at::Tensor& linear_weight, const at::Tensor& target, const std::optional<at::Tensor>& linear_bias,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap, int64_t chunk_size, bool grad_input, bool grad_weight,
-    bool grad_bias) {
-  const Options opt{reduction, ignore_index, label_smoothing, z_loss, softcap};
+    double label_smoothing, double z_loss, std::optional<double> softcap, std::optional<int64_t> chunk_size,
+    bool grad_input, bool grad_weight, bool grad_bias) {
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
   check_args(input, linear_weight, target, linear_bias, weight, opt);
   const int64_t n = input.size(0), v = linear_weight.size(0);
   const at::ScalarType acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -404,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     gs.lse_grad = g_lse.defined() ? g_lse.data_ptr<acc_t>() : nullptr;
     GradAccumulator acc(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
-                                chunk_size, /*forward=*/false, lse_c.data_ptr<acc_t>(), nullptr, nullptr, &acc, gs);
+                                opt.chunk_size, /*forward=*/false, lse_c.data_ptr<acc_t>(), nullptr, nullptr, &acc, gs);
     grads = acc.finish(input, linear_bias);
   });
   return grads;

@@ -101,25 +101,18 @@ static INFOFUSE_INLINE double row_gap_sum_impl(const T* __restrict z, const T* _
 
 // The gradient of the loss with respect to the pre-softcap logits, written over z (which holds the
 // post-softcap logits on entry):
-//   g_j = (a·exp(z_j − lse) − c·w_j) · (softcap > 0 ? 1 − (z_j/softcap)² : 1)     (w_j = 1 where w is null)
-// The target column's −b term is the caller's.
+//   g_j = (a·exp(z_j − lse) − c·w_j) · (slope ? slope_j : 1)     (w_j = 1 where w is null)
+// slope_j = 1 − tanh²(z_j/cap) of the raw logit (softcap_slope); the target column's term is the caller's.
 template <typename T>
 static INFOFUSE_INLINE void row_grad_impl(T* __restrict z, const T* __restrict w, index_t v, T lse, T a, T c,
-                                          T softcap) {
-  if (softcap > 0) {
-    const T inv_cap = T(1) / softcap;
+                                          const T* __restrict slope) {
+  if (slope != nullptr) {
     if (w == nullptr) {
 #pragma omp simd
-      for (index_t j = 0; j < v; ++j) {
-        const T t = z[j] * inv_cap;
-        z[j] = (a * exp_fast(z[j] - lse) - c) * (T(1) - t * t);
-      }
+      for (index_t j = 0; j < v; ++j) z[j] = (a * exp_fast(z[j] - lse) - c) * slope[j];
     } else {
 #pragma omp simd
-      for (index_t j = 0; j < v; ++j) {
-        const T t = z[j] * inv_cap;
-        z[j] = (a * exp_fast(z[j] - lse) - c * w[j]) * (T(1) - t * t);
-      }
+      for (index_t j = 0; j < v; ++j) z[j] = (a * exp_fast(z[j] - lse) - c * w[j]) * slope[j];
     }
   } else if (w == nullptr) {
 #pragma omp simd
@@ -128,6 +121,16 @@ static INFOFUSE_INLINE void row_grad_impl(T* __restrict z, const T* __restrict w
 #pragma omp simd
     for (index_t j = 0; j < v; ++j) z[j] = a * exp_fast(z[j] - lse) - c * w[j];
   }
+}
+
+// Softcap of a raw logit: cap·tanh(x/cap) into *capped and its derivative 1 − tanh²(x/cap) into *slope, the
+// derivative as 4e/(1 + e)² with e = exp(−2|x|/cap), accurate to rounding even where tanh saturates (1 − th²
+// from a rounded th keeps no correct digit there).
+template <typename T>
+static inline void softcap_slope(T x, T cap, T* capped, T* slope) {
+  const T e = std::exp(T(-2) * std::abs(x) / cap);
+  *capped = cap * std::tanh(x / cap);
+  *slope = T(4) * e / ((T(1) + e) * (T(1) + e));
 }
 
 // Entry points: float ones are compiled once per target (see INFOFUSE_CLONES), double ones once.
@@ -144,11 +147,12 @@ static double row_gap_sum(const double* z, const double* w, index_t v, double m)
   return row_gap_sum_impl(z, w, v, m);
 }
 
-INFOFUSE_CLONES static void row_grad(float* z, const float* w, index_t v, float lse, float a, float c, float softcap) {
-  row_grad_impl(z, w, v, lse, a, c, softcap);
+INFOFUSE_CLONES static void row_grad(float* z, const float* w, index_t v, float lse, float a, float c,
+                                     const float* slope) {
+  row_grad_impl(z, w, v, lse, a, c, slope);
 }
-static void row_grad(double* z, const double* w, index_t v, double lse, double a, double c, double softcap) {
-  row_grad_impl(z, w, v, lse, a, c, softcap);
+static void row_grad(double* z, const double* w, index_t v, double lse, double a, double c, const double* slope) {
+  row_grad_impl(z, w, v, lse, a, c, slope);
 }
 
 }  // namespace infofuse::cpu

@@ -58,7 +58,8 @@ def _grads(
     g_ce = torch.where(valid, g_up * scales[0], 0.0)
     g_z = torch.where(valid, g_up * scales[1], 0.0)
     eps_v = label_smoothing / v
-    a = g_ce * ((1.0 - label_smoothing) * w_t + eps_v * scales[2]) + g_z * (2.0 * z_loss) * lse
+    # the coefficient of p beyond the target's b (the kernel forms b·(p − [j = t]) + a·p: no cancellation at p_t = 1)
+    a = g_ce * (eps_v * scales[2]) + g_z * (2.0 * z_loss) * lse
     if grad_lse is not None:
         a = a + grad_lse.to(torch.float32).reshape(-1)
     b = g_ce * (1.0 - label_smoothing) * w_t
