@@ -39,3 +39,23 @@ def test_cpu_kernels_of_the_extension_attach_to_the_python_schemas():
     for name in ("linear_cross_entropy_forward", "info_nce_forward", "siglip_forward", "knn", "knn_count"):
         op = getattr(torch.ops.infofuse, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), f"{name} has no CPU kernel"
+
+
+def test_optional_options_are_optional_arguments_not_sentinels():
+    """softcap and chunk_size are ``float?`` / ``int?`` in every linear cross-entropy op (None: off / chosen by the
+    backend), not the 0-means-off numbers they once were; the C++ kernel refuses the old sentinels."""
+    ops = [n for n in LIB._op_defs if n.startswith("infofuse::linear_cross_entropy") and "soft_" not in n]
+    assert len(ops) >= 6, ops
+    for name in ops:
+        schema = getattr(torch.ops.infofuse, name.split("::")[1]).default._schema
+        types = {a.name: str(a.type) for a in schema.arguments}
+        assert types["softcap"] == "Optional[float]" and types["chunk_size"] == "Optional[int]", (name, types)
+    if infofuse.cpp_available():
+        x, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+        op = torch.ops.infofuse.linear_cross_entropy_forward
+        with pytest.raises(ValueError, match="softcap must be None or > 0"):
+            op(x, w, t, None, None, 1, -100, 0.0, 0.0, 0.0, None, False, False, False)
+        with pytest.raises(ValueError, match="chunk_size must be None or >= 1"):
+            op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, 0, False, False, False)
+        loss, *_ = op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, None, False, False, False)
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(x @ w.T, t))

@@ -261,8 +261,8 @@ def linear_cross_entropy(
             ignore_index=int(ignore_index),
             label_smoothing=float(label_smoothing),
             z_loss=float(z_loss),
-            softcap=0.0 if softcap is None else float(softcap),
-            chunk_size=0 if chunk_size is None else int(chunk_size),
+            softcap=None if softcap is None else float(softcap),
+            chunk_size=None if chunk_size is None else int(chunk_size),
         )
         grad_on = torch.is_grad_enabled()
         flags = (

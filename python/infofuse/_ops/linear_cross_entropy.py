@@ -31,8 +31,8 @@ class LCEParams:
     ignore_index: int
     label_smoothing: float
     z_loss: float
-    softcap: float  # 0.0: off
-    chunk_size: int  # <= 0: chosen by the backend
+    softcap: float | None  # None: off
+    chunk_size: int | None  # None: chosen by the backend
 
     def as_args(self) -> tuple:
         return dataclasses.astuple(self)
@@ -179,14 +179,14 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
 # The forward and backward schemas every backend's pair of ops shares ("{name}" is the op's name).
 FORWARD_SCHEMA = (
     "{name}(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, int reduction, "
-    "int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, bool grad_input, "
+    "int ignore_index, float label_smoothing, float z_loss, float? softcap, int? chunk_size, bool grad_input, "
     "bool grad_weight, bool grad_bias) -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, "
     "Tensor grad_bias)"
 )
 BACKWARD_SCHEMA = (
     "{name}(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, Tensor target, "
     "Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, int ignore_index, float label_smoothing, "
-    "float z_loss, float softcap, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+    "float z_loss, float? softcap, int? chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
 )
 

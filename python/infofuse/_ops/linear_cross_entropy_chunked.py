@@ -34,8 +34,8 @@ define(FORWARD_SCHEMA, FORWARD.split("::")[1])
 define(BACKWARD_SCHEMA, BACKWARD.split("::")[1])
 
 
-def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int) -> int:
-    if chunk_size > 0:
+def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
         return max(1, min(chunk_size, n))
     budget = min(MAX_CHUNK_BYTES, max(1, n * v * elem_bytes // 4))
     return max(1, min(n, budget // max(1, v * elem_bytes)))
