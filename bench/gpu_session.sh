@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (torch and Triton preinstalled, no network): set up, then run the named stages.
 #   bench/gpu_session.sh STAGE...    from the repository root; logs under $OUT (else bench-out/gpu)
 # Stages: env | build (CUDA extension for this GPU, also saved to $OUT for a later call to carry) | test
-# (tests/test_gpu.py) | sanitize (compute-sanitizer memcheck over every kernel, racecheck over the CUDA k-NN) |
+# (-m gpu over tests/) | sanitize (compute-sanitizer memcheck over every kernel, racecheck over the CUDA k-NN) |
 # bench-lce | bench-info-nce | knn-tiers | knn-configs | bench-knn.
 # Peers come as wheels in .whl/ (see bench/NOTES.md); a prebuilt extension can be carried in python/infofuse/.
 set -u
@@ -33,7 +33,7 @@ build_extension() {  # editable install against the machine's torch, or a _C*.so
   INFOFUSE_CUDA_ARCHS=${INFOFUSE_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-8} \
     python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . && gzip -c "$so" >"$OUT/$(basename "$so").gz"
 }
-gpu_pytest() {  # gpu_pytest NAME LIMIT PER_TEST_TIMEOUT PYTEST_ARGS...: tests/test_gpu.py in 4 workers
+gpu_pytest() {  # gpu_pytest NAME LIMIT PER_TEST_TIMEOUT PYTEST_ARGS...: the gpu-marked tests in tests/, 4 workers
   local name=$1 limit=$2 per_test=$3; shift 3
   stage "$name" "$limit" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts="-ra" --timeout "$per_test" \
     --junitxml "$OUT/$name.xml" -m gpu tests/ "$@" ${TEST_ARGS:-}

@@ -707,3 +707,105 @@ def test_non_finite_tensor_scales_fail_under_compile():
     }.items():
         bad = [torch.tensor(x, dtype=torch.float64 if x == 1e-320 else torch.float32) for x in (s, b, t)]
         _bad(lambda bad=bad: compiled(q, k, *bad), RuntimeError, f"infofuse: {name} must be finite")
+
+
+# ---------------------------------------------------------------- on the GPU (marked gpu: skipped without CUDA)
+# From here to the end of the file: symmetric CLIP at a real size, and the interpreter tests' cases with the inputs
+# moved to CUDA (the compiled kernels at shapes that defeat their block sizes); formerly in tests/test_gpu.py.
+
+from tests.utils import GPU_IMPLS  # noqa: E402
+from tests.utils import extra_cuda_bytes as _extra_bytes  # noqa: E402
+from tests.utils import to_cuda as _cuda  # noqa: E402
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_clip_loss_large_graded_and_small(impl, dtype):
+    """Symmetric CLIP at N = M = 8192, D = 768: gradients graded against dense PyTorch at the same dtype, and the
+    extra memory far below the N×M scores."""
+    from infofuse import clip_loss
+    from infofuse.reference import info_nce_reference
+
+    n, d = 8192, 768
+    g = torch.Generator(device="cuda").manual_seed(5)
+    img = torch.nn.functional.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).to(dtype)
+    txt = torch.nn.functional.normalize(img.float() + 0.5 * torch.randn(n, d, device="cuda", generator=g), dim=1)
+    txt = txt.to(dtype)
+    scale = torch.tensor(30.0, device="cuda")
+
+    def run(fn, a, b, s):
+        leaves = [t.clone().requires_grad_() for t in (a, b, s)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale)
+    same = run(lambda a, b, s: info_nce_reference(a, b, scale=s, symmetric=True), img, txt, scale)
+    truth = run(
+        lambda a, b, s: info_nce_reference(a, b, scale=s, symmetric=True, compute_dtype=torch.float64),
+        img.double(),
+        txt.double(),
+        scale.double(),
+    )
+    for name, a, b, c in zip(("loss", "dq", "dk", "dscale"), ours, same, truth, strict=True):
+        assert_graded(a, b, c, name=f"{impl} {name} ({dtype})", factor=1.5, floor=1e-6)
+    extra, _ = _extra_bytes(lambda: run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale))
+    extra -= 2 * 2 * img.nbytes  # the clones and their gradients
+    # chunked: one score chunk and its probabilities; fused: float32 gradient accumulators (N×D each); never N×M
+    from infofuse._ops.info_nce_triton import CHUNK_BYTES
+
+    bound = (2 * CHUNK_BYTES if impl == "chunked" else 0) + 4 * n * d * 4 + 64 * n * 4
+    assert extra <= bound, f"{impl}: {extra / 2**20:.1f} MiB above inputs and gradients"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize(
+    "case", ["extra_negatives", "target", "symmetric", "labels", "labels_symmetric", "exclude_self", "one"]
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_info_nce_every_case_odd_shape(impl, case, reduction):
+    from infofuse import info_nce
+    from infofuse.reference import info_nce_reference
+    from tests.test_info_nce import _case, compare
+
+    q, k, kw = _case(case, seed=2)
+    q, k = _cuda(q, k)
+    kw = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+    compare(
+        impl,
+        lambda q, k, s: info_nce(q, k, scale=s, reduction=reduction, impl=impl, **kw),
+        lambda q, k, s: info_nce_reference(q, k, scale=s, reduction=reduction, **kw),
+        [q, k, torch.tensor(4.5, dtype=torch.float64, device="cuda")],
+        low_precision=(torch.bfloat16, torch.float16) if q.shape[0] > 1 else None,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_siglip_supcon_noncontiguous_odd_shape(impl):
+    from infofuse import siglip_loss, supcon_loss
+    from infofuse.reference import info_nce_reference, siglip_reference
+    from tests.test_info_nce import compare, embeddings
+
+    q, k = _cuda(*embeddings(67, 131, 37, seed=10, noncontig=True))
+    s, bias = (
+        torch.tensor(7.0, dtype=torch.float64, device="cuda"),
+        torch.tensor(-3.0, dtype=torch.float64, device="cuda"),
+    )
+    compare(
+        impl,
+        lambda q, k, s, b: siglip_loss(q, k, s, b, impl=impl),
+        lambda q, k, s, b: siglip_reference(q, k, scale=s, bias=b),
+        [q, k, s, bias],
+        low_precision=(torch.bfloat16,),
+    )
+    f, _ = _cuda(*embeddings(67, 67, 37, seed=11))
+    labels = torch.randint(0, 9, (67,), generator=torch.Generator().manual_seed(12)).cuda()
+    compare(
+        impl,
+        lambda f, s: supcon_loss(f, labels, 1 / s, impl=impl),
+        lambda f, s: info_nce_reference(f, f, scale=s, labels=labels, supcon=True),
+        [f, torch.tensor(1 / 0.3, dtype=torch.float64, device="cuda")],
+    )

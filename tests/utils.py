@@ -58,3 +58,25 @@ def assert_graded(
         f"{name}: relative error {e_ours:.3e} vs PyTorch's {e_torch:.3e} at the same dtype "
         f"(allowed {factor} x + {floor:.1e})\n{describe_mismatch(ours, truth, 0.0, 0.0)}"
     )
+
+
+# ---------------------------------------------------------------- helpers of the GPU tests (marked gpu)
+# Shared by the GPU sections of test_linear_cross_entropy.py and test_info_nce.py (formerly in tests/test_gpu.py).
+
+GPU_IMPLS = ["chunked", "fused"]  # the Triton strategies of linear cross-entropy and the info_nce family
+
+
+def to_cuda(*tensors):
+    """The tensors moved to the current CUDA device (None stays None), as a list."""
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+def extra_cuda_bytes(fn):
+    """Peak CUDA memory of fn() above what was allocated before it, after a warm-up call: (bytes, fn's result)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, out
