@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from ._autograd import refuse_double_backward
 from ._library import define
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -139,6 +140,7 @@ def _make_backward(backward_op):
 
 def _backward(backward_op, ctx, grad_loss, grad_lse):
     input, linear_weight, target, linear_bias, weight, lse = ctx.saved_tensors
+    refuse_double_backward("linear_cross_entropy", grad_loss, grad_lse, input, linear_weight, linear_bias)
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = linear_bias is not None and ctx.needs_input_grad[3]
     if grad_loss is None and grad_lse is None:

@@ -41,7 +41,8 @@ def chunk_rows(n: int, v: int, elem_bytes: int, chunk_size: int | None) -> int:
     return max(1, min(n, budget // max(1, v * elem_bytes)))
 
 
-def _logits(out, x_chunk, linear_weight, linear_bias):
+def logits_into(out, x_chunk, linear_weight, linear_bias):
+    """``out = x_chunk @ linear_weightᵀ (+ linear_bias)`` by one library GEMM into a reused buffer."""
     if linear_bias is None:
         torch.mm(x_chunk, linear_weight.t(), out=out)
     else:
@@ -122,7 +123,7 @@ def _run(
     for r0 in range(0, n, rows):
         x_chunk = input[r0 : r0 + rows]
         z = buffer[: x_chunk.shape[0]]
-        _logits(z, x_chunk, linear_weight, linear_bias)
+        logits_into(z, x_chunk, linear_weight, linear_bias)
         lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad)
         linear_cross_entropy_rows(z, r0, target, weight, scales, **opts, **lse_rows)
         if grads is not None:

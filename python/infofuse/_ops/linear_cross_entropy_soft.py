@@ -9,7 +9,7 @@ Per chunk of rows, in plain torch ops (so it runs wherever torch does; registere
 ``Z_c = X_c Wᵀ (+ b)`` by ``torch.mm``/``addmm`` into one reused (rows, V) buffer of the input dtype, then in
 float32 (float64 for float64 inputs) the softcap, lse, loss terms and, for "mean"/"sum", the logits' gradient
 
-    G_ij = s·[p_ij·(S_i + 2λ·lse_i) − w_j q'_ij]·(1 − (ẑ_ij/c)²),   S_i = Σ_j w_j q'_ij,  s = 1/N ("mean") or 1
+    G_ij = s·[p_ij·(S_i + 2λ·lse_i) − w_j q'_ij]·(1 − tanh²(z_ij/c)),   S_i = Σ_j w_j q'_ij,  s = 1/N ("mean") or 1
 
 formed while the chunk is hot, so that forward + backward cost 3 GEMMs (``dX_c = G W``, ``dW += Gᵀ X_c``,
 ``db += Σ G``; bf16/fp16 weight gradients summed in float32). Backward scales them by ``grad_output``. For
@@ -27,6 +27,7 @@ import torch
 
 from ._autograd import refuse_double_backward
 from ._library import LIB, define
+from .linear_cross_entropy_chunked import logits_into
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 # Default chunk: this many bytes of float32 (float64 for float64 inputs) logits.
@@ -38,13 +39,13 @@ _TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 FORWARD_SCHEMA = (
     "{name}(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, int reduction, "
-    "float label_smoothing, float z_loss, float softcap, int chunk_size, bool grad_input, bool grad_weight, "
+    "float label_smoothing, float z_loss, float? softcap, int? chunk_size, bool grad_input, bool grad_weight, "
     "bool grad_bias) -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
 )
 BACKWARD_SCHEMA = (
     "{name}(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, Tensor target, "
     "Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, float label_smoothing, float z_loss, "
-    "float softcap, int chunk_size, bool grad_input, bool grad_weight, bool grad_bias, bool grad_target) "
+    "float? softcap, int? chunk_size, bool grad_input, bool grad_weight, bool grad_bias, bool grad_target) "
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_target)"
 )
 FORWARD = define(FORWARD_SCHEMA, "linear_cross_entropy_soft_forward")
@@ -58,8 +59,8 @@ class SoftLCEParams:
     reduction: int
     label_smoothing: float
     z_loss: float
-    softcap: float  # 0.0: off
-    chunk_size: int  # <= 0: about CHUNK_BYTES of logits
+    softcap: float | None  # None: off
+    chunk_size: int | None  # None: about CHUNK_BYTES of logits
 
     def as_args(self) -> tuple:
         return dataclasses.astuple(self)
@@ -69,17 +70,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_rows(n: int, v: int, acc: torch.dtype, chunk_size: int) -> int:
-    if chunk_size > 0:
+def chunk_rows(n: int, v: int, acc: torch.dtype, chunk_size: int | None) -> int:
+    if chunk_size is not None:
         return max(1, min(chunk_size, n))
     return max(1, min(n, CHUNK_BYTES // max(1, v * acc.itemsize)))
-
-
-def _logits(out, x_chunk, linear_weight, linear_bias):
-    if linear_bias is None:
-        torch.mm(x_chunk, linear_weight.t(), out=out)
-    else:
-        torch.addmm(linear_bias, x_chunk, linear_weight.t(), out=out)
 
 
 class _Chunk:
@@ -87,10 +81,12 @@ class _Chunk:
 
     def __init__(self, z, q, weight, p: SoftLCEParams, acc, lse=None):
         zh = z.to(acc)
-        self.tanh = None
-        if p.softcap > 0:
-            self.tanh = torch.tanh(zh / p.softcap)
-            zh = self.tanh * p.softcap
+        self.slope = None
+        if p.softcap is not None:
+            # 1 − tanh²(z/c) as 4e/(1 + e)², e = exp(−2|z|/c): accurate where tanh saturates
+            e = torch.exp(zh.abs() * (-2.0 / p.softcap))
+            self.slope = e.mul(4.0).div_((1.0 + e).square_())
+            zh = torch.tanh(zh / p.softcap) * p.softcap
         self.lse = torch.logsumexp(zh, 1) if lse is None else lse
         self.logp = zh - self.lse[:, None]
         wq = q.to(acc)
@@ -116,8 +112,8 @@ class _Chunk:
         if g_lse is not None:
             coef = coef + g_lse
         grad = self.logp.exp().mul_(coef[:, None]).sub_(self.wq * g[:, None])
-        if self.tanh is not None:
-            grad.mul_(1.0 - self.tanh.square())
+        if self.slope is not None:
+            grad.mul_(self.slope)
         return grad
 
     def target_grad(self, g, weight, p: SoftLCEParams):
@@ -169,7 +165,7 @@ def _chunks(input, linear_weight, linear_bias, p: SoftLCEParams):
     for r0 in range(0, n, rows):
         x_chunk = input[r0 : r0 + rows]
         z = buffer[: x_chunk.shape[0]]
-        _logits(z, x_chunk, linear_weight, linear_bias)
+        logits_into(z, x_chunk, linear_weight, linear_bias)
         yield r0, x_chunk, z
 
 
@@ -421,8 +417,8 @@ def soft_linear_cross_entropy(
         reduction=REDUCTIONS[reduction],
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
-        softcap=0.0 if softcap is None else float(softcap),
-        chunk_size=0 if chunk_size is None else int(chunk_size),
+        softcap=None if softcap is None else float(softcap),
+        chunk_size=None if chunk_size is None else int(chunk_size),
     )
     grad_on = torch.is_grad_enabled()
     flags = (
