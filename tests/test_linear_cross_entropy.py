@@ -410,7 +410,7 @@ def test_record_function_names_the_op():
 # ---------------------------------------------------------------- custom-op machinery
 
 
-def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=True):
+def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=True, want_argmax=True):
     x, w, t, b = make_inputs((17,), 6, 23, dtype=dtype, seed=14)
     cw = torch.rand(23, dtype=torch.float32) + 0.5 if weight else None
     return (
@@ -426,6 +426,7 @@ def _op_args(dtype=torch.float32, reduction=1, flags=(True, True, True), weight=
         2.0,
         4,
         *flags,
+        want_argmax,
     )
 
 
@@ -462,7 +463,7 @@ def test_every_backend_shares_the_schemas():
 def test_opcheck_backward(impl, reduction):
     x, w, t, b, cw, *_ = _op_args(reduction=reduction)
     x, w, b = x.detach(), w.detach(), b.detach()
-    out = _op(impl, 0)(x, w, t, b, cw, reduction, -100, 0.1, 0.01, 2.0, 4, False, False, False)
+    out = _op(impl, 0)(x, w, t, b, cw, reduction, -100, 0.1, 0.01, 2.0, 4, False, False, False, False)
     lse = out[1]
     grad_loss = torch.rand(17) + 0.5 if reduction == 0 else torch.tensor(1.3)
     args = (grad_loss, torch.rand(17), x, w, t, b, cw, lse, reduction, -100, 0.1, 0.01, 2.0, 4, True, True, True)

@@ -151,3 +151,81 @@ def test_token_weight(impl, reduction, options):
         _grads(ours.sum(), leaves), _grads(theirs.sum(), leaves), ["x", "w", "b", "tau"], strict=True
     ):
         assert_close(a.double(), c, rtol=tol * 10, atol=tol, name=f"d{name}")
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("case", ["plain", "softcap_bias_chunks", "noncontiguous", "bf16"])
+def test_argmax_per_token(impl, case):
+    """return_argmax: each token's first index of its largest (softcapped) logit, beside an unchanged loss and lse;
+    checked against float64 logits (a pick within rounding of the maximum is allowed: the backends' GEMMs round
+    differently), and exact agreement away from near-ties."""
+    if case == "bf16" and impl in ("cpu", "reference"):
+        dtype = torch.bfloat16
+    elif case == "bf16":
+        dtype = torch.float16
+    else:
+        dtype = _dtype(impl)
+    kw = {"chunk_size": 5, "softcap": 3.0} if case == "softcap_bias_chunks" else {}
+    x, w, t, b = make_inputs((3, 7), 11, 300, seed=12, noncontig=case == "noncontiguous", bias=case != "plain")
+    x, w = x.to(dtype), w.to(dtype)
+    b = None if b is None else b.to(dtype)
+    loss, lse, am = linear_cross_entropy(x, w, t, linear_bias=b, impl=impl, return_lse=True, return_argmax=True, **kw)
+    loss2, lse2 = linear_cross_entropy(x, w, t, linear_bias=b, impl=impl, return_lse=True, **kw)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
+    assert am.shape == t.shape and am.dtype == torch.int64
+    z = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if "softcap" in kw:
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    top = z.max(-1).values
+    picked = z.gather(-1, am.unsqueeze(-1)).squeeze(-1)
+    slack = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 0.05) * top.abs().clamp(min=1)
+    assert (picked >= top - slack).all(), (picked - top).min()
+    second = z.topk(2, -1).values[..., 1]
+    clear = top - second > 2 * slack
+    assert clear.float().mean() > 0.5
+    assert torch.equal(am[clear], z.argmax(-1)[clear])
+
+
+def test_argmax_takes_the_first_of_equal_logits():
+    """Ties (duplicate rows of the weight) go to the first index in every backend, across tiles and chunks."""
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(700, 6, generator=g, dtype=torch.float64) * 0.1
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    best = torch.tensor([3, 300, 650])
+    w[best] = 5.0 * x[:3] / x[:3].norm(dim=1, keepdim=True)  # the clear winners of rows 0-2
+    w[[600, 690]] = w[[3, 300]]  # equal copies later in the vocabulary
+    t = torch.arange(9)
+    for impl in ALL_IMPLS:
+        dtype = _dtype(impl)
+        _, am = linear_cross_entropy(x.to(dtype), w.to(dtype), t, impl=impl, return_argmax=True, chunk_size=4)
+        assert am[:3].tolist() == best.tolist(), impl
+
+
+def test_argmax_is_for_class_index_targets():
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="return_argmax is for class-index targets"):
+        linear_cross_entropy(x, w, torch.rand(4, 5), return_argmax=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_new_arguments_compile_fullgraph(impl):
+    """token_weight, return_argmax, options and probability targets under torch.compile(fullgraph=True)."""
+    dtype = _dtype(impl)
+    x, w, t, b = make_inputs((12,), 8, 40, dtype=dtype, seed=14)
+    g = torch.Generator().manual_seed(15)
+    tau = torch.rand(12, generator=g, dtype=dtype)
+    q = torch.rand(12, 40, generator=g, dtype=dtype)
+
+    def step(x, w, b):
+        loss, am = linear_cross_entropy(x, w, t, linear_bias=b, token_weight=tau, return_argmax=True, impl=impl)
+        soft = linear_cross_entropy(x, w, q, linear_bias=b, impl=impl, z_loss=0.01)
+        return loss + soft, am
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (step, compiled):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+        loss, am = fn(*leaves)
+        outs.append((loss.detach(), am, *_grads(loss, leaves)))
+    for a, c, name in zip(*outs, ["loss", "argmax", "dx", "dw", "db"], strict=True):
+        assert_close(a, c, rtol=1e-6, atol=1e-7, name=name)

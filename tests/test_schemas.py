@@ -54,8 +54,8 @@ def test_optional_options_are_optional_arguments_not_sentinels():
         x, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
         op = torch.ops.infofuse.linear_cross_entropy_forward
         with pytest.raises(ValueError, match="softcap must be None or > 0"):
-            op(x, w, t, None, None, 1, -100, 0.0, 0.0, 0.0, None, False, False, False)
+            op(x, w, t, None, None, 1, -100, 0.0, 0.0, 0.0, None, False, False, False, False)
         with pytest.raises(ValueError, match="chunk_size must be None or >= 1"):
-            op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, 0, False, False, False)
-        loss, *_ = op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, None, False, False, False)
+            op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, 0, False, False, False, False)
+        loss, *_ = op(x, w, t, None, None, 1, -100, 0.0, 0.0, None, None, False, False, False, False)
         assert torch.allclose(loss, torch.nn.functional.cross_entropy(x @ w.T, t))

@@ -100,7 +100,7 @@ def test_kernel_checks_targets_itself():
     t = torch.tensor([0, 7, 1])
     with pytest.raises(ValueError, match=r"target\[1\] = 7 is outside \[0, V\) with V = 5"):
         torch.ops.infofuse.linear_cross_entropy_forward(
-            x, w, t, None, None, 1, -100, 0.0, 0.0, None, None, False, False, False
+            x, w, t, None, None, 1, -100, 0.0, 0.0, None, None, False, False, False, False
         )
 
 

@@ -38,6 +38,7 @@ def _lce_fused_fwd_kernel(
     s_ptr,
     zt_ptr,
     wz_ptr,
+    am_ptr,
     N,
     V,
     D,
@@ -53,6 +54,7 @@ def _lce_fused_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
+    WANT_ARGMAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -68,6 +70,7 @@ def _lce_fused_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     wz = tl.zeros((BLOCK_N,), tl.float32)
+    am = tl.zeros((BLOCK_N,), tl.int64) + v_start  # first column of each row's running maximum
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < v_end
@@ -93,7 +96,10 @@ def _lce_fused_fwd_kernel(
         )
         z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z_max, axis=1))
+        tile_max = tl.max(z_max, axis=1)
+        if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
+            am = tl.where(tile_max > m, v0 + tl.argmax(z_max, axis=1).to(tl.int64), am)
+        m_new = tl.maximum(m, tile_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), axis=1)
@@ -107,6 +113,8 @@ def _lce_fused_fwd_kernel(
     tl.store(s_ptr + out, s, mask=row_mask)
     tl.store(zt_ptr + out, zt, mask=row_mask)
     tl.store(wz_ptr + out, wz, mask=row_mask)
+    if WANT_ARGMAX:
+        tl.store(am_ptr + out, am, mask=row_mask)
 
 
 @triton.jit
@@ -319,10 +327,12 @@ def _blocks(x: torch.Tensor) -> dict:
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "DOT_F32": x.dtype != torch.float32}
 
 
-def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None = None):
-    """Per-slice online states ``(m, s, zt, wz)``, each (splits, N) float32, over vocabulary slices.
+def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None = None, want_argmax: bool = False):
+    """Per-slice online states ``(m, s, zt, wz)``, each (splits, N) float32, over vocabulary slices, and with
+    ``want_argmax`` a fifth, (splits, N) int64: each slice's first column of its largest (softcapped) logit.
 
-    Merge with ``lse = M + log Σ s·exp(m − M)``, ``zt = Σ zt``, ``wz = Σ wz`` over slices.
+    Merge with ``lse = M + log Σ s·exp(m − M)``, ``zt = Σ zt``, ``wz = Σ wz`` over slices; the argmax is that of
+    the first slice whose m is M.
     """
     n, d = x.shape
     v = w.shape[0]
@@ -334,6 +344,8 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
     v_per_split = triton.cdiv(triton.cdiv(v, splits), meta["BLOCK_V"]) * meta["BLOCK_V"]
     splits = triton.cdiv(v, v_per_split)  # every slice holds at least one column
     out = [torch.empty((splits, n), dtype=torch.float32, device=x.device) for _ in range(4)]
+    if want_argmax:
+        out.append(torch.empty((splits, n), dtype=torch.int64, device=x.device))
     grid = (triton.cdiv(n, meta["BLOCK_N"]), splits)
     _lce_fused_fwd_kernel[grid](
         x,
@@ -341,7 +353,8 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
         b if b is not None else x,
         target,
         weight if weight is not None else x,
-        *out,
+        *out[:4],
+        out[4] if want_argmax else out[0],
         n,
         v,
         d,
@@ -355,6 +368,7 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
         IEEE=x.dtype == torch.float32,
+        WANT_ARGMAX=want_argmax,
         **meta,
     )
     return out

@@ -35,6 +35,7 @@ def _lce_rows_kernel(
     lse_ptr,
     ce_ptr,
     zl_ptr,
+    argmax_ptr,
     row0,
     V,
     stride_zn,
@@ -50,6 +51,7 @@ def _lce_rows_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_LSE_GRAD: tl.constexpr,
+    WANT_ARGMAX: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
@@ -68,13 +70,17 @@ def _lce_rows_kernel(
         s = tl.zeros((), tl.float32)
         z_t = tl.zeros((), tl.float32)
         wz = tl.zeros((BLOCK_V,), tl.float32)  # Σ_j w_j·ẑ_j, lane by lane
+        am = tl.zeros((), tl.int64)  # first column of the running maximum
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             mask = cols < V
             z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
             z = tl.where(mask, softcapped(z, softcap, HAS_SOFTCAP), 0.0)  # finite everywhere
             z_max = tl.where(mask, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z_max, axis=0))
+            tile_max = tl.max(z_max, axis=0)
+            if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
+                am = tl.where(tile_max > m, v0 + tl.argmax(z_max, axis=0).to(tl.int64), am)
+            m_new = tl.maximum(m, tile_max)
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new), axis=0)
             m = m_new
             z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
@@ -84,6 +90,8 @@ def _lce_rows_kernel(
                 wz += z
         lse = m + tl.log(s)
         tl.store(lse_ptr + row, lse)
+        if WANT_ARGMAX:
+            tl.store(argmax_ptr + row, am)
         ce = (1.0 - eps) * w_t * (lse - z_t) + eps / V * (weight_all * lse - tl.sum(wz, axis=0))
         ce = tl.where(valid, ce, 0.0)
         tl.store(ce_ptr + row, ce)
@@ -134,6 +142,7 @@ def linear_cross_entropy_rows(
     forward: bool,
     grad: torch.Tensor | None = None,
     lse_grad: torch.Tensor | None = None,
+    argmax: torch.Tensor | None = None,
 ) -> None:
     """Run the row pass over the chunk ``z`` (rows, V), whose row i is global row ``row0 + i``.
 
@@ -141,7 +150,8 @@ def linear_cross_entropy_rows(
     the device (the reduction's divisors and the class-weight total, so that nothing is read back to the host).
     ``forward``: compute and store ``lse``, ``ce`` and ``zl`` (each (N,) float32; ``ce``/``zl`` unscaled per-row
     terms); otherwise read ``lse``. With ``grad`` (the upstream gradient: one element, or (N,) per row) the chunk
-    is overwritten by dLoss/dlogits; ``lse_grad`` (N,) adds the gradient flowing into the returned lse.
+    is overwritten by dLoss/dlogits; ``lse_grad`` (N,) adds the gradient flowing into the returned lse. With
+    ``forward``, ``argmax`` (N,) int64 receives each row's first column of the largest (softcapped) logit.
     """
     rows, v = z.shape
     assert target.dtype == torch.int64 and target.is_contiguous()
@@ -171,6 +181,7 @@ def linear_cross_entropy_rows(
         lse,
         ce if ce is not None else dummy,
         zl if zl is not None else dummy,
+        argmax if argmax is not None else dummy,
         row0,
         v,
         z.stride(0),
@@ -185,6 +196,7 @@ def linear_cross_entropy_rows(
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
         HAS_LSE_GRAD=lse_grad is not None,
+        WANT_ARGMAX=forward and argmax is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

@@ -134,7 +134,7 @@ struct RowGradScale {
 template <typename scalar_t, typename acc_t>
 void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int64_t* target, const acc_t* w,
                 const Options& opt, const TargetStats& stats, bool forward, acc_t* lse, acc_t* ce, acc_t* zl,
-                bool want_grad, const RowGradScale<acc_t>& gs) {
+                int64_t* argmax, bool want_grad, const RowGradScale<acc_t>& gs) {
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const acc_t eps = static_cast<acc_t>(opt.label_smoothing);
   const acc_t eps_v = eps / static_cast<acc_t>(v);
@@ -166,6 +166,11 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
       acc_t l;
       if (forward) {
         const acc_t m = row_max(z, v);
+        if (argmax != nullptr) {  // the first column holding the row's (softcapped) maximum; 0 for a NaN row
+          int64_t j = 0;
+          while (j < v && !(z[j] == m)) ++j;
+          argmax[row] = j < v ? j : 0;
+        }
         const double s = row_sum_exp(z, v, m);
         const double lse_d = static_cast<double>(m) + std::log(s);
         l = static_cast<acc_t>(lse_d);
@@ -309,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> no_grads(const at::Tensor& input,
 template <typename scalar_t, typename acc_t>
 void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
                 const int64_t* target, const acc_t* w, const Options& opt, const TargetStats& stats, int64_t chunk_size,
-                bool forward, acc_t* lse, acc_t* ce, acc_t* zl, GradAccumulator* grads, const RowGradScale<acc_t>& gs) {
+                bool forward, acc_t* lse, acc_t* ce, acc_t* zl, int64_t* argmax, GradAccumulator* grads,
+                const RowGradScale<acc_t>& gs) {
   const int64_t n = x.size(0), v = linear_weight.size(0);
   if (n == 0) return;
   const int64_t chunk_rows = pick_chunk_rows(n, v, x.element_size(), chunk_size);
@@ -320,20 +326,21 @@ void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std:
     const at::Tensor x_chunk = x.narrow(0, r0, rows);
     chunk_logits(z, x_chunk, linear_weight, linear_bias);
     fused_rows<scalar_t, acc_t>(z.data_ptr<scalar_t>(), r0, rows, v, target, w, opt, stats, forward, lse, ce, zl,
-                                grads != nullptr, gs);
+                                argmax, grads != nullptr, gs);
     if (grads != nullptr) grads->add(z, x_chunk, linear_weight, r0);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
     const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
-    std::optional<int64_t> chunk_size, bool grad_input, bool grad_weight, bool grad_bias) {
+    std::optional<int64_t> chunk_size, bool grad_input, bool grad_weight, bool grad_bias, bool want_argmax) {
   const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
   check_args(input, linear_weight, target, linear_bias, weight, opt);
   const int64_t n = input.size(0), v = linear_weight.size(0);
   const at::Tensor tgt = target.contiguous();
+  at::Tensor argmax = at::empty({want_argmax ? n : 0}, input.options().dtype(at::kLong));
   const bool want_grads = reduction != kNone && (grad_input || grad_weight || (grad_bias && linear_bias.has_value()));
 
   // Loss and lse in float (double for float64 inputs).
@@ -356,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     if (want_grads) acc.emplace(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
                                 opt.chunk_size, /*forward=*/true, lse.data_ptr<acc_t>(), ce.data_ptr<acc_t>(),
-                                zl.data_ptr<acc_t>(), acc ? &*acc : nullptr, gs);
+                                zl.data_ptr<acc_t>(), want_argmax ? argmax.data_ptr<int64_t>() : nullptr,
+                                acc ? &*acc : nullptr, gs);
     if (acc) grads = acc->finish(input, linear_bias);
 
     if (reduction == kNone) {
@@ -379,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       loss = at::full({}, total, acc_opts);
     }
   });
-  return {loss, lse, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
+  return {loss, lse, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), argmax};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
@@ -421,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     gs.lse_grad = g_lse.defined() ? g_lse.data_ptr<acc_t>() : nullptr;
     GradAccumulator acc(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
-                                opt.chunk_size, /*forward=*/false, lse_c.data_ptr<acc_t>(), nullptr, nullptr, &acc, gs);
+                                opt.chunk_size, /*forward=*/false, lse_c.data_ptr<acc_t>(), nullptr, nullptr, nullptr,
+                                &acc, gs);
     grads = acc.finish(input, linear_bias);
   });
   return grads;

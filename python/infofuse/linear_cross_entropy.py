@@ -76,6 +76,7 @@ def _validate(
     chunk_size,
     token_weight,
     options,
+    return_argmax=False,
 ):
     _check_tensor("input", input)
     _check_tensor("linear_weight", linear_weight)
@@ -105,6 +106,8 @@ def _validate(
             )
         if target.dtype.is_complex or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices or float class probabilities, got {target.dtype}")
+    if soft and return_argmax:
+        raise ValueError("return_argmax is for class-index targets; got a class-probability target")
     if token_weight is not None:
         _check_tensor("token_weight", token_weight)
         if tuple(token_weight.shape) != tuple(input.shape[:-1]):
@@ -193,6 +196,7 @@ def linear_cross_entropy(
     softcap: float | None = ...,
     token_weight: torch.Tensor | None = ...,
     return_lse: Literal[False] = ...,
+    return_argmax: Literal[False] = ...,
     impl: str | None = ...,
     chunk_size: int | None = ...,
 ) -> torch.Tensor: ...
@@ -214,9 +218,32 @@ def linear_cross_entropy(
     softcap: float | None = ...,
     token_weight: torch.Tensor | None = ...,
     return_lse: Literal[True],
+    return_argmax: Literal[False] = ...,
     impl: str | None = ...,
     chunk_size: int | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = ...,
+    weight: torch.Tensor | None = ...,
+    reduction: str = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    options: object | None = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    token_weight: torch.Tensor | None = ...,
+    return_lse: bool = ...,
+    return_argmax: Literal[True],
+    impl: str | None = ...,
+    chunk_size: int | None = ...,
+) -> tuple[torch.Tensor, ...]: ...
 
 
 def linear_cross_entropy(
@@ -234,9 +261,10 @@ def linear_cross_entropy(
     softcap: float | None = None,
     token_weight: torch.Tensor | None = None,
     return_lse: bool = False,
+    return_argmax: bool = False,
     impl: str | None = None,
     chunk_size: int | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy of a linear layer's output, without materialising the N×V logits.
 
     Equivalent PyTorch (the reference, ``infofuse.reference.linear_cross_entropy_reference``)::
@@ -284,6 +312,10 @@ def linear_cross_entropy(
             (4 GEMMs instead of 3).
         return_lse: also return the per-token log-sum-exp of the (softcapped) logits, in ``input.shape[:-1]``;
             gradients flow through it too.
+        return_argmax: also return each token's predicted class, the first index of its largest (softcapped)
+            logit, int64 in ``input.shape[:-1]``, found in the same pass over the logits (no extra GEMM; class-index
+            targets). Token accuracy, as trainers log it: ``(argmax == target)[target != ignore_index].float()
+            .mean()``. Where two logits are within rounding of each other the backends may pick either.
         impl: None picks by device ("cpu" for CPU tensors, "chunked" for CUDA tensors); "cpu" (C++ over row
             chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between), "fused" (Triton
             kernels that never write logits to memory; float32 atomics, so reproducible only to rounding) — both
@@ -294,8 +326,8 @@ def linear_cross_entropy(
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``input.shape[:-1]`` for
-        "none"; with ``return_lse``, ``(loss, lse)``. Gradients flow to ``input``, ``linear_weight`` and
-        ``linear_bias``, each in its own dtype, accumulated in float32.
+        "none"; with ``return_lse`` and/or ``return_argmax``, the tuple ``(loss[, lse][, argmax])``. Gradients
+        flow to ``input``, ``linear_weight`` and ``linear_bias``, each in its own dtype, accumulated in float32.
 
     Double backward (``create_graph=True``) is supported by ``impl="reference"`` only; the kernel backends raise
     a ``RuntimeError`` saying so rather than return a gradient without its second-order terms.
@@ -317,6 +349,7 @@ def linear_cross_entropy(
             chunk_size,
             token_weight,
             options,
+            return_argmax,
         )
         soft = target.dtype.is_floating_point
         if ignore_index is None:
@@ -346,6 +379,12 @@ def linear_cross_entropy(
                 compute_dtype=torch.float64 if input.dtype == torch.float64 else torch.float32,
             )
             loss, lse = loss.reshape(-1) if op_reduction == "none" else loss, lse.reshape(-1)
+            if return_argmax:
+                with torch.no_grad():
+                    logits = torch.nn.functional.linear(input, linear_weight, linear_bias).float()
+                    if softcap is not None:
+                        logits = softcap * torch.tanh(logits / softcap)
+                    argmax = logits.argmax(-1).reshape(-1)
         elif soft:
             loss, lse = soft_linear_cross_entropy(
                 input.reshape(batch_shape.numel(), input.shape[-1]),
@@ -360,7 +399,7 @@ def linear_cross_entropy(
                 chunk_size,
             )
         else:
-            loss, lse = _class_index_loss(
+            loss, lse, argmax = _class_index_loss(
                 input,
                 linear_weight,
                 target,
@@ -373,6 +412,7 @@ def linear_cross_entropy(
                 softcap,
                 impl,
                 chunk_size,
+                return_argmax,
             )
         if token_weight is not None:
             loss = _token_weighted(
@@ -380,9 +420,10 @@ def linear_cross_entropy(
             )
         if reduction == "none":
             loss = loss.reshape(batch_shape)
-        if return_lse:
-            return loss, lse.reshape(batch_shape)
-        return loss
+        if not (return_lse or return_argmax):
+            return loss
+        extra = (lse.reshape(batch_shape),) if return_lse else ()
+        return (loss, *extra, argmax.reshape(batch_shape)) if return_argmax else (loss, *extra)
 
 
 def _class_index_loss(
@@ -398,8 +439,10 @@ def _class_index_loss(
     softcap,
     impl,
     chunk_size,
+    want_argmax,
 ):
-    """(loss, lse (N,)) of the kernel backends for class-index targets; loss (N,) for "none"."""
+    """(loss, lse (N,), argmax (N,) or empty) of the kernel backends for class-index targets; loss (N,) for
+    "none"."""
     if impl == "cpu":
         _ext.require_cpp("cpu")
         if input.device.type != "cpu":
@@ -430,8 +473,10 @@ def _class_index_loss(
     t = target.reshape(-1)
     if t.dtype != torch.int64:
         t = t.long()
-    loss, lse, *_ = forward_op(x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags)
-    return loss, lse
+    loss, lse, *_, argmax = forward_op(
+        x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags, bool(want_argmax)
+    )
+    return loss, lse, argmax
 
 
 def _token_weighted(loss, lse, tau, target, weight, reduction, ignore_index, z_loss, soft):

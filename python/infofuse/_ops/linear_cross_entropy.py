@@ -62,6 +62,7 @@ def _forward_fake(
     grad_input,
     grad_weight,
     grad_bias,
+    want_argmax,
 ):
     n, d = input.shape
     v = linear_weight.shape[0]
@@ -72,7 +73,8 @@ def _forward_fake(
     gi = _empty_like_flag(grads and grad_input, (n, d), input)
     gw = _empty_like_flag(grads and grad_weight, (v, d), linear_weight)
     gb = linear_bias.new_empty((v,)) if grads and grad_bias and linear_bias is not None else input.new_empty((0,))
-    return loss, lse, gi, gw, gb
+    argmax = input.new_empty((n if want_argmax else 0,), dtype=torch.int64)
+    return loss, lse, gi, gw, gb, argmax
 
 
 def _backward_fake(
@@ -107,7 +109,7 @@ def _setup_context(ctx, inputs, output):
     input, linear_weight, target, linear_bias, weight, *options = inputs
     params = LCEParams(*options[:6])
     flags = tuple(options[6:9])
-    loss, lse, gi, gw, gb = output
+    loss, lse, gi, gw, gb, _argmax = output
     ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
     ctx.params = params
     # Gradients formed in forward (mean/sum), held until the first backward hands them over.
@@ -132,7 +134,7 @@ def _scale_formed(grad: torch.Tensor, scale: torch.Tensor, in_place: bool) -> to
 def _make_backward(backward_op):
     """The autograd formula of a forward op whose recompute path is ``backward_op`` (same schema for every backend)."""
 
-    def backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb):
+    def backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb, _argmax):
         return _backward(backward_op, ctx, grad_loss, grad_lse)
 
     return backward
@@ -144,7 +146,7 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = linear_bias is not None and ctx.needs_input_grad[3]
     if grad_loss is None and grad_lse is None:
-        return None, None, None, None, None, *([None] * 9)
+        return None, None, None, None, None, *([None] * 10)
     formed, ctx.formed = ctx.formed, None  # a second backward (retain_graph=True) recomputes
     have = ctx.formed_flags
     covered = (not need_input or have[0]) and (not need_weight or have[1]) and (not need_bias or have[2])
@@ -174,7 +176,7 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
         gw if need_weight else None,
         None,
         gb if need_bias else None,
-        *([None] * 10),
+        *([None] * 11),
     )
 
 
@@ -182,8 +184,8 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
 FORWARD_SCHEMA = (
     "{name}(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, int reduction, "
     "int ignore_index, float label_smoothing, float z_loss, float? softcap, int? chunk_size, bool grad_input, "
-    "bool grad_weight, bool grad_bias) -> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, "
-    "Tensor grad_bias)"
+    "bool grad_weight, bool grad_bias, bool want_argmax) -> (Tensor loss, Tensor lse, Tensor grad_input, "
+    "Tensor grad_weight, Tensor grad_bias, Tensor argmax)"
 )
 BACKWARD_SCHEMA = (
     "{name}(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, Tensor target, "

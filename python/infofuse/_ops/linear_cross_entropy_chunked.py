@@ -113,6 +113,7 @@ def _run(
     grads,
     grad=None,
     lse_grad=None,
+    argmax=None,
 ):
     from infofuse.triton_kernels.linear_cross_entropy_rows import linear_cross_entropy_rows
 
@@ -124,7 +125,7 @@ def _run(
         x_chunk = input[r0 : r0 + rows]
         z = buffer[: x_chunk.shape[0]]
         logits_into(z, x_chunk, linear_weight, linear_bias)
-        lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad)
+        lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad, argmax=argmax)
         linear_cross_entropy_rows(z, r0, target, weight, scales, **opts, **lse_rows)
         if grads is not None:
             grads.add(z, x_chunk, linear_weight, r0)
@@ -150,6 +151,7 @@ def _forward(
     grad_input,
     grad_weight,
     grad_bias,
+    want_argmax,
 ):
     check_triton_input(input, "chunked")
     n = input.shape[0]
@@ -162,6 +164,7 @@ def _forward(
     rows = chunk_rows(n, v, input.element_size(), chunk_size)
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows) if want else None
     one = torch.ones(1, **f32)
+    argmax = torch.empty(n if want_argmax else 0, dtype=torch.int64, device=input.device)
     _run(
         input,
         linear_weight,
@@ -177,11 +180,12 @@ def _forward(
         zl,
         grads,
         grad=one if want else None,
+        argmax=argmax if want_argmax else None,
     )
     loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     if grads is None:
-        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
-    return (loss, lse, *grads.result(input, linear_bias))
+        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)), argmax
+    return (loss, lse, *grads.result(input, linear_bias), argmax)
 
 
 @torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)

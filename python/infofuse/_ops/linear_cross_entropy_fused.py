@@ -105,6 +105,7 @@ def _forward(
     grad_input,
     grad_weight,
     grad_bias,
+    want_argmax,
 ):
     from infofuse.triton_kernels.linear_cross_entropy_fused import lce_fused_partials
 
@@ -112,11 +113,17 @@ def _forward(
     n, v = input.shape[0], linear_weight.shape[0]
     target = target.contiguous()
     weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
+    argmax = torch.zeros(n if want_argmax else 0, dtype=torch.int64, device=input.device)
     if n:
-        m, s, zt, wz = lce_fused_partials(input, linear_weight, linear_bias, target, weight32, softcap)
+        m, s, zt, wz, *am = lce_fused_partials(
+            input, linear_weight, linear_bias, target, weight32, softcap, want_argmax=want_argmax
+        )
         top = m.max(0).values
         lse = top + torch.log((s * torch.exp(m - top)).sum(0))
         zt, wz = zt.sum(0), wz.sum(0)
+        if want_argmax:  # the first slice holding the row's maximum (slices are in column order)
+            first = (m == top).to(torch.uint8).argmax(0, keepdim=True)
+            argmax = am[0].gather(0, first)[0]
     else:
         lse = zt = wz = torch.zeros(0, dtype=torch.float32, device=input.device)
     valid = target != ignore_index
@@ -127,7 +134,7 @@ def _forward(
     loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     want_db = grad_bias and linear_bias is not None
     if reduction == 0 or not (grad_input or grad_weight or want_db):
-        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,))
+        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)), argmax
     one = torch.ones((), dtype=torch.float32, device=input.device)
     grads = _grads(
         input,
@@ -147,7 +154,7 @@ def _forward(
         grad_weight,
         want_db,
     )
-    return (loss, lse, *grads)
+    return (loss, lse, *grads, argmax)
 
 
 @torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)
