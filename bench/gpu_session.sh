@@ -9,6 +9,8 @@ set -u
 export OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# The extension is built ahead of time by the build stages (or carried); no stage may start a first-use build.
+export INFOFUSE_NO_JIT=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
