@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import infofuse
 from infofuse import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 from infofuse.reference import info_nce_reference, siglip_reference
-from tests.utils import assert_close, assert_graded, rel_err
+from tests.utils import GPU_IMPLS, assert_close, assert_graded, extra_cuda_bytes, rel_err, to_cuda
 
 IMPLS = ["cpu", "chunked", "fused"]  # the Triton strategies run under TRITON_INTERPRET=1 here (tests/conftest.py)
 OPS = {
@@ -713,10 +713,6 @@ def test_non_finite_tensor_scales_fail_under_compile():
 # From here to the end of the file: symmetric CLIP at a real size, and the interpreter tests' cases with the inputs
 # moved to CUDA (the compiled kernels at shapes that defeat their block sizes); formerly in tests/test_gpu.py.
 
-from tests.utils import GPU_IMPLS  # noqa: E402
-from tests.utils import extra_cuda_bytes as _extra_bytes  # noqa: E402
-from tests.utils import to_cuda as _cuda  # noqa: E402
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", GPU_IMPLS)
@@ -750,7 +746,7 @@ def test_clip_loss_large_graded_and_small(impl, dtype):
     )
     for name, a, b, c in zip(("loss", "dq", "dk", "dscale"), ours, same, truth, strict=True):
         assert_graded(a, b, c, name=f"{impl} {name} ({dtype})", factor=1.5, floor=1e-6)
-    extra, _ = _extra_bytes(lambda: run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale))
+    extra, _ = extra_cuda_bytes(lambda: run(lambda a, b, s: clip_loss(a, b, s, impl=impl), img, txt, scale))
     extra -= 2 * 2 * img.nbytes  # the clones and their gradients
     # chunked: one score chunk and its probabilities; fused: float32 gradient accumulators (N×D each); never N×M
     from infofuse._ops.info_nce_triton import CHUNK_BYTES
@@ -771,7 +767,7 @@ def test_info_nce_every_case_odd_shape(impl, case, reduction):
     from tests.test_info_nce import _case, compare
 
     q, k, kw = _case(case, seed=2)
-    q, k = _cuda(q, k)
+    q, k = to_cuda(q, k)
     kw = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
     compare(
         impl,
@@ -789,7 +785,7 @@ def test_siglip_supcon_noncontiguous_odd_shape(impl):
     from infofuse.reference import info_nce_reference, siglip_reference
     from tests.test_info_nce import compare, embeddings
 
-    q, k = _cuda(*embeddings(67, 131, 37, seed=10, noncontig=True))
+    q, k = to_cuda(*embeddings(67, 131, 37, seed=10, noncontig=True))
     s, bias = (
         torch.tensor(7.0, dtype=torch.float64, device="cuda"),
         torch.tensor(-3.0, dtype=torch.float64, device="cuda"),
@@ -801,7 +797,7 @@ def test_siglip_supcon_noncontiguous_odd_shape(impl):
         [q, k, s, bias],
         low_precision=(torch.bfloat16,),
     )
-    f, _ = _cuda(*embeddings(67, 67, 37, seed=11))
+    f, _ = to_cuda(*embeddings(67, 67, 37, seed=11))
     labels = torch.randint(0, 9, (67,), generator=torch.Generator().manual_seed(12)).cuda()
     compare(
         impl,

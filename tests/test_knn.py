@@ -11,7 +11,7 @@ import torch
 import infofuse
 from infofuse import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from infofuse.reference import knn_reference
-from tests.utils import assert_close
+from tests.utils import assert_close, extra_cuda_bytes, to_cuda
 
 IMPLS = ["cpu", "triton"]  # Triton under TRITON_INTERPRET=1 here (tests/conftest.py)
 METRICS = ["euclidean", "chebyshev", "cosine"]
@@ -696,21 +696,6 @@ def test_compiled_fullgraph_equals_eager(name):
 # defeat their block sizes); formerly in tests/test_gpu.py.
 
 
-def _cuda(*tensors):
-    return [None if t is None else t.cuda() for t in tensors]
-
-
-def _extra_bytes(fn):
-    """Peak CUDA memory of fn() above what was allocated before it, after a warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before, out
-
-
 def _knn_impls():
     from infofuse._ops.knn import cuda_kernels_built
 
@@ -757,7 +742,7 @@ def test_knn_memory_is_linear_in_n():
 
     x = torch.randn(200000, 32, device="cuda")
     for impl in _knn_impls():
-        extra, _ = _extra_bytes(lambda impl=impl: knn(x, k=10, impl=impl))
+        extra, _ = extra_cuda_bytes(lambda impl=impl: knn(x, k=10, impl=impl))
         assert extra < 64 * 200000 * 10 * 8 + (64 << 20), f"{impl}: {extra / 2**20:.1f} MiB"
 
 
@@ -768,13 +753,13 @@ def test_knn_memory_is_linear_in_n():
 def test_knn_odd_shapes_every_backend(metric, k, dtype):
 
     for impl in _knn_impls():
-        x, y = _cuda(points((1013, 37), dtype, seed=k), points((2027, 37), dtype, seed=k + 1))
+        x, y = to_cuda(points((1013, 37), dtype, seed=k), points((2027, 37), dtype, seed=k + 1))
         ok = (x, y) if dtype != torch.bfloat16 else (x.float(), y.float())
         dist, idx = knn(x, k=k, metric=metric, impl=impl)
         check_neighbours(ok[0], None, k, metric, dist, idx)
         dist, idx = knn(x, y, k=k, metric=metric, impl=impl)
         check_neighbours(ok[0], ok[1], k, metric, dist, idx)
-        xb = _cuda(points((3, 129, 5), dtype, seed=4, noncontig=True))[0]
+        xb = to_cuda(points((3, 129, 5), dtype, seed=4, noncontig=True))[0]
         dist, idx = knn(xb, k=min(k, 100), metric=metric, impl=impl)
         check_neighbours(xb if dtype != torch.bfloat16 else xb.float(), None, min(k, 100), metric, dist, idx)
 

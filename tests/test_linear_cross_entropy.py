@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import infofuse
 from infofuse import linear_cross_entropy, linear_cross_entropy_reference
-from tests.utils import assert_close, assert_graded, rel_err
+from tests.utils import GPU_IMPLS, assert_close, assert_graded, extra_cuda_bytes, rel_err, to_cuda
 
 # Without CUDA every test here needs the extension (the "cpu" backend, or CPU tensors as the truth's source); with
 # CUDA only the gpu-marked tests run (bench/gpu_session.sh runs -m gpu), and they need no extension: the GPU
@@ -830,10 +830,6 @@ def test_certain_rows_and_saturated_softcap_keep_precision(impl, case):
 # PyTorch's float32 and bf16/fp16 error exactly as on the CPU); formerly in tests/test_gpu.py. This module's
 # pytestmark also skips them without the C++ extension.
 
-from tests.utils import GPU_IMPLS  # noqa: E402
-from tests.utils import extra_cuda_bytes as _extra_bytes  # noqa: E402
-from tests.utils import to_cuda as _cuda  # noqa: E402
-
 
 def _inputs(n, d, v, dtype, seed=0, ignore_frac=0.1):
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -933,7 +929,7 @@ def test_bf16_head_memory_targets(model):
             linear_cross_entropy(xs, ws, t, impl=impl).backward()
             return xs.grad, ws.grad
 
-        extra, (dx, dw) = _extra_bytes(step)
+        extra, (dx, dw) = extra_cuda_bytes(step)
         extra -= 2 * (x.nbytes + w.nbytes)  # the clones and their gradients
         rows = max(1, min(n, (1 << 30) // (v * 2), n * v * 2 // 4 // (v * 2)))
         # fused: its float32 workspace, the gathered weight[target] rows (N×D) and O(N + V) floats
@@ -968,7 +964,7 @@ def test_lce_every_option_odd_shape(impl, option_set, reduction):
     from tests.test_linear_cross_entropy import _options, check_graded_float32, make_inputs
 
     make_kw, opts = _options(option_set, 507)
-    x, w, t, b = _cuda(*make_inputs((252,), 123, 507, seed=4, **make_kw))
+    x, w, t, b = to_cuda(*make_inputs((252,), 123, 507, seed=4, **make_kw))
     if "weight" in opts:
         opts["weight"] = opts["weight"].cuda()
     check_graded_float32(impl, x, w, t, b, reduction=reduction, **opts)
@@ -982,7 +978,7 @@ def test_lce_low_precision_odd_shape(impl, dtype, option_set):
     from tests.test_linear_cross_entropy import _options, make_inputs, ref_fn, run, truth_fn
 
     make_kw, opts = _options(option_set, 507)
-    x, w, t, b = _cuda(*make_inputs((252,), 123, 507, seed=5, **make_kw))
+    x, w, t, b = to_cuda(*make_inputs((252,), 123, 507, seed=5, **make_kw))
     x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     if "weight" in opts:
         opts["weight"] = opts["weight"].float().cuda()
