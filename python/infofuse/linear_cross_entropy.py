@@ -12,7 +12,7 @@ from . import _ext
 from ._ops import _triton_common
 from ._ops import linear_cross_entropy_chunked as _chunked  # noqa: F401 (registers the chunked ops)
 from ._ops import linear_cross_entropy_fused as _fused  # noqa: F401 (registers the fused ops)
-from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams
+from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams, grad_flags
 from ._ops.linear_cross_entropy_soft import soft_linear_cross_entropy, validate_soft_target
 from .reference import linear_cross_entropy_reference
 
@@ -462,12 +462,7 @@ def _class_index_loss(
         softcap=softcap,
         chunk_size=None if chunk_size is None else int(chunk_size),
     )
-    grad_on = torch.is_grad_enabled()
-    flags = (
-        grad_on and input.requires_grad,
-        grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
-    )
+    flags = grad_flags(input, linear_weight, linear_bias)
     # (N, D) with N from the target: input.reshape(-1, 0) cannot infer N when D = 0
     x = input.reshape(target.numel(), input.shape[-1])
     t = target.reshape(-1)

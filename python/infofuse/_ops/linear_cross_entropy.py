@@ -39,6 +39,16 @@ class LCEParams:
         return dataclasses.astuple(self)
 
 
+def grad_flags(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None) -> tuple:
+    """The forward ops' (grad_input, grad_weight, grad_bias): which gradients autograd will ask for."""
+    grad_on = torch.is_grad_enabled()
+    return (
+        grad_on and input.requires_grad,
+        grad_on and linear_weight.requires_grad,
+        grad_on and linear_bias is not None and linear_bias.requires_grad,
+    )
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -27,6 +27,7 @@ import torch
 
 from ._autograd import refuse_double_backward
 from ._library import LIB, define
+from .linear_cross_entropy import grad_flags
 from .linear_cross_entropy_chunked import logits_into
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -420,12 +421,7 @@ def soft_linear_cross_entropy(
         softcap=None if softcap is None else float(softcap),
         chunk_size=None if chunk_size is None else int(chunk_size),
     )
-    grad_on = torch.is_grad_enabled()
-    flags = (
-        grad_on and input2d.requires_grad,
-        grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
-    )
+    flags = grad_flags(input2d, linear_weight, linear_bias)
     op = torch.ops.infofuse.linear_cross_entropy_soft_forward
     loss, lse, *_ = op(input2d, linear_weight, target2d, linear_bias, weight, *params.as_args(), *flags)
     return loss, lse
