@@ -114,36 +114,38 @@ def test_probability_targets_through_the_public_function(impl, reduction):
         assert_close(a.double(), c, rtol=tol * 10, atol=tol, name=f"d{name}")
 
 
-def _token_weighted_truth(x, w, t, b, tau, weight, reduction, z_loss):
+def _token_weighted_truth(x, w, t, b, tau, weight, reduction, z_loss, ignore_index):
     """Per-token losses of plain PyTorch, times τ, reduced with the divisors the unweighted loss has."""
     logits = F.linear(x, w, b).double().reshape(-1, w.shape[0])
     tf = t.reshape(-1)
-    valid = tf != -100
-    ce = F.cross_entropy(logits, tf, weight=weight, reduction="none")
+    valid = tf != ignore_index
+    ce = F.cross_entropy(logits, tf, weight=weight, reduction="none", ignore_index=ignore_index)
     zl = z_loss * torch.logsumexp(logits, 1).square() * valid
     tau = tau.reshape(-1).double()
     if reduction == "none":
         return ((ce + zl) * tau).reshape(t.shape)
     if reduction == "sum":
         return ((ce + zl) * tau).sum()
-    w_valid = valid.sum() if weight is None else weight[tf.clamp(min=0)].mul(valid).sum()
+    w_valid = valid.sum() if weight is None else weight[torch.where(valid, tf, 0)].mul(valid).sum()
     return (ce * tau).sum() / w_valid + (zl * tau).sum() / valid.sum()
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", ["plain", "weights_and_z_loss"])
+@pytest.mark.parametrize("options", ["plain", "weights_and_z_loss", "ignore_index_past_v"])
 def test_token_weight(impl, reduction, options):
     dtype = _dtype(impl)
-    x, w, t, b = make_inputs((4, 6), 10, 23, dtype=dtype, seed=9)
+    ignore = 30 if options == "ignore_index_past_v" else -100  # an ignore_index outside [0, V) but not negative
+    x, w, t, b = make_inputs((4, 6), 10, 23, dtype=dtype, seed=9, ignore_index=ignore)
     g = torch.Generator().manual_seed(10)
     tau = (torch.rand(4, 6, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
     weight = torch.rand(23, generator=g, dtype=dtype) + 0.5 if options != "plain" else None
     z_loss = 0.05 if options != "plain" else 0.0
     leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), tau]
-    kw = {"linear_bias": b, "weight": weight, "reduction": reduction, "z_loss": z_loss}
+    kw = {"linear_bias": b, "weight": weight, "reduction": reduction, "z_loss": z_loss, "ignore_index": ignore}
     ours = linear_cross_entropy(x, w, t, token_weight=tau, impl=impl, **kw)
-    theirs = _token_weighted_truth(x, w, t, b, tau, None if weight is None else weight.double(), reduction, z_loss)
+    w64 = None if weight is None else weight.double()
+    theirs = _token_weighted_truth(x, w, t, b, tau, w64, reduction, z_loss, ignore)
     tol = 1e-9 if dtype == torch.float64 else 2e-5
     assert ours.shape == theirs.shape
     assert_close(ours.double(), theirs, rtol=tol, atol=tol, name="loss")

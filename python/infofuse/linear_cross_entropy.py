@@ -381,7 +381,8 @@ def linear_cross_entropy(
             loss, lse = loss.reshape(-1) if op_reduction == "none" else loss, lse.reshape(-1)
             if return_argmax:
                 with torch.no_grad():
-                    logits = torch.nn.functional.linear(input, linear_weight, linear_bias).float()
+                    logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+                    logits = logits.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
                     if softcap is not None:
                         logits = softcap * torch.tanh(logits / softcap)
                     argmax = logits.argmax(-1).reshape(-1)
@@ -486,11 +487,11 @@ def _token_weighted(loss, lse, tau, target, weight, reduction, ignore_index, z_l
     t = target.reshape(-1)
     valid = t != ignore_index
     n_valid = valid.sum().to(loss.dtype)
+    # Σ weight[target] over valid tokens (ignore_index may lie outside [0, V): those rows index class 0, masked)
+    w_valid = n_valid if weight is None else (weight.to(loss.dtype)[torch.where(valid, t, 0)] * valid).sum()
     if weight is None or z_loss == 0.0:
-        w_valid = n_valid if weight is None else torch.where(valid, weight.to(loss.dtype)[t.clamp(min=0)], 0.0).sum()
         return weighted.sum() / w_valid
     # class weights and z-loss: the cross-entropy part is divided by Σ weight[target], the z-loss part by the
     # number of valid tokens (the op's own "mean")
-    w_valid = torch.where(valid, weight.to(loss.dtype)[t.clamp(min=0)], 0.0).sum()
     z_part = torch.where(valid, z_loss * lse.square(), 0.0) * tau.to(loss.dtype)
     return (weighted - z_part).sum() / w_valid + z_part.sum() / n_valid
