@@ -27,7 +27,7 @@ import torch
 
 from ._autograd import refuse_double_backward
 from ._library import LIB, define
-from .linear_cross_entropy import grad_flags
+from .linear_cross_entropy import _acc_dtype, grad_flags
 from .linear_cross_entropy_chunked import logits_into
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -65,10 +65,6 @@ class SoftLCEParams:
 
     def as_args(self) -> tuple:
         return dataclasses.astuple(self)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunk_rows(n: int, v: int, acc: torch.dtype, chunk_size: int | None) -> int:
