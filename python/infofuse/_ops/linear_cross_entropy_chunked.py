@@ -57,6 +57,21 @@ def float32_accumulator(linear_weight: torch.Tensor, rows: int) -> bool:
     return v * d * 4 <= max(FLOAT32_ACCUMULATOR_BYTES, rows * v * linear_weight.element_size())
 
 
+def add_grad_products(g, x_chunk, linear_weight, r0, grad_input, grad_weight):
+    """One chunk's GEMMs from its dLoss/dlogits ``g``: ``grad_input[r0 : r0 + rows] = g·W`` and
+    ``grad_weight += gᵀ·X_c`` (None: not wanted). A ``grad_weight`` wider than ``g`` (a float32 accumulator for
+    bf16/fp16) takes the products by blocks of V rows, so that no (V, D) temporary is made per chunk."""
+    if grad_input is not None:
+        torch.mm(g, linear_weight, out=grad_input[r0 : r0 + g.shape[0]])
+    if grad_weight is not None:
+        if grad_weight.dtype == g.dtype:
+            grad_weight.addmm_(g.t(), x_chunk)
+        else:
+            for j0 in range(0, g.shape[1], HALF_GRAD_WEIGHT_BLOCK):
+                gj = g[:, j0 : j0 + HALF_GRAD_WEIGHT_BLOCK]
+                grad_weight[j0 : j0 + gj.shape[1]] += torch.mm(gj.t(), x_chunk)
+
+
 class _Grads:
     """grad_input rows, grad_weight and grad_bias, filled chunk by chunk from dLoss/dlogits."""
 
@@ -78,15 +93,7 @@ class _Grads:
         self.want_input, self.want_weight = gi, gw
 
     def add(self, g, x_chunk, linear_weight, r0):
-        if self.want_input:
-            torch.mm(g, linear_weight, out=self.gi[r0 : r0 + g.shape[0]])
-        if self.want_weight:
-            if self.gw.dtype == g.dtype:
-                self.gw.addmm_(g.t(), x_chunk)
-            else:  # by blocks of V rows, so that no (V, D) temporary is made per chunk
-                for j0 in range(0, g.shape[1], HALF_GRAD_WEIGHT_BLOCK):
-                    gj = g[:, j0 : j0 + HALF_GRAD_WEIGHT_BLOCK]
-                    self.gw[j0 : j0 + gj.shape[1]] += torch.mm(gj.t(), x_chunk)
+        add_grad_products(g, x_chunk, linear_weight, r0, self.gi if self.want_input else None, self.gw)
         if self.want_bias:
             self.gb += g.sum(0, dtype=torch.float32)
 

@@ -28,14 +28,11 @@ import torch
 from ._autograd import refuse_double_backward
 from ._library import LIB, define
 from .linear_cross_entropy import _acc_dtype, grad_flags
-from .linear_cross_entropy_chunked import logits_into
+from .linear_cross_entropy_chunked import add_grad_products, logits_into
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 # Default chunk: this many bytes of float32 (float64 for float64 inputs) logits.
 CHUNK_BYTES = 32 << 20
-# Rows of grad_weight per GEMM when bf16/fp16 chunk contributions are added into the float32 accumulator (so that
-# no (V, D) temporary is made per chunk).
-HALF_GRAD_WEIGHT_BLOCK = 4096
 _TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 FORWARD_SCHEMA = (
@@ -136,15 +133,8 @@ class _Grads:
         if self.gb is not None:
             self.gb += grad.sum(0)
         g = grad if grad.dtype == buffer.dtype else buffer.copy_(grad)
-        if self.gi is not None:
-            torch.mm(g, linear_weight, out=self.gi[r0 : r0 + g.shape[0]])
-        if self.gw is not None:
-            if self.gw.dtype == g.dtype:
-                self.gw.addmm_(g.t(), x_chunk)
-            else:  # bf16/fp16: float32 inside each GEMM, one rounding per chunk and V block, summed in float32
-                for j0 in range(0, g.shape[1], HALF_GRAD_WEIGHT_BLOCK):
-                    gj = g[:, j0 : j0 + HALF_GRAD_WEIGHT_BLOCK]
-                    self.gw[j0 : j0 + gj.shape[1]] += torch.mm(gj.t(), x_chunk)
+        # bf16/fp16: float32 inside each GEMM, one rounding per chunk and V block, summed in the float32 self.gw
+        add_grad_products(g, x_chunk, linear_weight, r0, self.gi, self.gw)
 
     def result(self, input, linear_weight, linear_bias):
         gi = self.gi if self.gi is not None else input.new_empty((0,))
