@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/gemm.h"
+#include "cpu/knn_path.h"
 
 namespace {
 pybind11::dict build_info() {
@@ -25,6 +26,7 @@ pybind11::dict build_info() {
 #endif
   info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
   info["cpu_gemm"] = infofuse::cpu::gemm_backend_name();
+  info["cpu_knn_amx"] = infofuse::cpu::knn_amx_status();
   return info;
 }
 }  // namespace
@@ -34,4 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built (OpenMP, CUDA, torch version, CPU GEMM)");
   m.def("set_cpu_gemm_backend", &infofuse::cpu::set_gemm_backend,
         "'auto' (oneDNN for float32 where PyTorch provides it, else at::mm) or 'aten' (always at::mm)");
+  m.def("set_cpu_knn_path", &infofuse::cpu::set_knn_path,
+        "float Euclidean knn on the CPU: 'auto', 'tree' (always the k-d tree) or 'amx' (the AMX brute force wherever "
+        "it can run)");
+  m.def("cpu_knn_amx_problems", &infofuse::cpu::knn_amx_problems,
+        "batch entries solved by the CPU knn's AMX path so far in this process");
 }

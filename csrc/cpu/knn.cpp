@@ -20,8 +20,13 @@
 // distance (knn_kernels.h: ScreenLeaves), which took the op above from ~2.6 s to ~2.0 s. Pruning is what d allows:
 // at d = 16 (Gaussian) about 68 % of the candidate leaves are still scanned, at d <= 4 a handful (~0.1 s for the
 // shape above). At large d the walk degenerates into a brute force through the same kernels (d = 128, N = 20000:
-// ~0.6 s Euclidean, ~1.2 s Chebyshev); a GEMM screen with an error-bounded re-rank would be the next step there
-// for machines without AVX512-BF16, and is not implemented.
+// ~0.6 s Euclidean, ~1.2 s Chebyshev).
+//
+// On CPUs with AMX-BF16, float Euclidean problems from d = 12 on (and at least 2^20 pairs) skip the tree: a brute
+// force whose screen is a bfloat16 tile product under the same kind of rigorous bound, with an exact re-rank
+// (knn_amx.h). On the 2-core Sapphire Rapids VM, N = 100000, k = 3, self excluded, it measured about 2x the tree
+// walk at d = 16 and 3-6x at d = 128 (bench/NOTES.md); below d ~ 10 the tree prunes enough to win. The results
+// are bit-identical either way (tests/test_knn_amx.py). set_cpu_knn_path("tree" | "amx") forces one path.
 //
 // knn_count: the same tree over x; nodes are skipped when outside every query's radius and counted whole when
 // inside all of them (box upper bound); leaves are decided per query and scanned only when they straddle its
@@ -46,9 +51,20 @@
 // memory, which halves its speed; the functions of this file (which inline the kernels) opt out.
 #pragma GCC optimize("no-loop-unroll-and-jam")
 #endif
+#include "knn_amx.h"
 #include "knn_kernels.h"
+#include "knn_path.h"
 
 namespace infofuse::cpu {
+
+namespace {
+std::atomic<KnnPath> g_knn_path{KnnPath::kAuto};
+std::atomic<int64_t> g_knn_amx_problems{0};
+}  // namespace
+
+KnnPath knn_path() { return g_knn_path.load(); }
+int64_t knn_amx_problems() { return g_knn_amx_problems.load(); }
+
 namespace {
 
 using knn::CountProblem;
@@ -219,12 +235,64 @@ void over_batch(index_t batch, index_t blocks_per_entry, const Solve& solve) {
   }
 }
 
+#ifdef INFOFUSE_KNN_AMX
+// Where "auto" takes the AMX brute force: from d = 12 on, the tree scans most leaves anyway (bench/NOTES.md), and
+// below 2^20 pairs either path takes milliseconds.
+constexpr index_t kAmxMinDim = 12;
+constexpr index_t kAmxMinPairs = index_t(1) << 20;
+
+// Whether the AMX brute force (knn_amx.h) runs this problem instead of the tree walk. "auto": where the tree prunes
+// little and the screen's conditions hold; "amx": wherever it can run at all; "tree": never.
+bool use_amx(index_t n, index_t m, index_t d, int64_t k) {
+  const KnnPath path = knn_path();
+  if (path == KnnPath::kTree || k > knn::amx::kMaxK || machine_isa() != Isa::kV4Bf16 || !knn::amx::available()) {
+    return false;
+  }
+  if (path == KnnPath::kAmx) return true;
+  return d >= kAmxMinDim && n * m >= kAmxMinPairs;
+}
+
+// One batch entry by the AMX brute force; false (nothing written) where the screen's norms would be unsafe.
+bool knn_amx_entry(const float* x, index_t n, const float* y, index_t m, index_t d, int64_t k, bool exclude_self,
+                   float* dist, int64_t* idx, bool parallel) {
+  knn::amx::Packed pk;
+  pk.build(x, n, y, m, d);
+  if (!(pk.max_norm <= knn::kScreenMax)) return false;
+  const knn::amx::Problem pb{x, y, &pk, k, exclude_self, dist, idx};
+  const index_t rows = knn::amx::kBlockGroups * knn::amx::kGroupRows;
+  const auto work = [&](std::atomic<index_t>* next) { knn::amx::worker(pb, next); };
+  if (parallel) {
+    run_workers((n + rows - 1) / rows, work);
+  } else {
+    std::atomic<index_t> next{0};
+    work(&next);
+  }
+  g_knn_amx_problems.fetch_add(1);
+  return true;
+}
+#endif
+
 template <typename T, int kMetric>
 void knn_impl(const at::Tensor& xa, const at::Tensor& ya, bool same, int64_t k, bool exclude_self, T* dist,
               int64_t* idx) {
   const index_t batch = xa.size(0), n = xa.size(1), m = ya.size(1), d = xa.size(2);
   const T* xp = xa.data_ptr<T>();
   const T* yp = ya.data_ptr<T>();
+#ifdef INFOFUSE_KNN_AMX
+  if constexpr (std::is_same_v<T, float> && kMetric == knn::kEuclidean) {
+    if (use_amx(n, m, d, k)) {
+      std::atomic<bool> all{true};
+      const index_t rows = knn::amx::kBlockGroups * knn::amx::kGroupRows;
+      over_batch(batch, (n + rows - 1) / rows, [&](index_t b, bool parallel) {
+        if (!knn_amx_entry(xp + b * n * d, n, yp + b * m * d, m, d, k, exclude_self, dist + b * n * k, idx + b * n * k,
+                           parallel)) {
+          all = false;
+        }
+      });
+      if (all) return;  // else an entry's norms were out of the screen's range: the tree walk does them all
+    }
+  }
+#endif
   constexpr index_t leaf = knn::kLeafSize<T>;
   bool screened = false;
 #ifdef INFOFUSE_KNN_MULTIVERSION
@@ -354,6 +422,21 @@ at::Tensor knn_count_cpu(const at::Tensor& x, const at::Tensor& radius, int64_t 
 }
 
 }  // namespace
+
+void set_knn_path(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "auto" || name == "tree" || name == "amx",
+                    "knn path must be 'auto', 'tree' or 'amx', got '", name, "'");
+  g_knn_path.store(name == "auto" ? KnnPath::kAuto : name == "tree" ? KnnPath::kTree : KnnPath::kAmx);
+}
+
+std::string knn_amx_status() {
+#ifdef INFOFUSE_KNN_AMX
+  if (machine_isa() == Isa::kV4Bf16 && knn::amx::available()) return "available";
+  return "no AMX-BF16 on this CPU (or the kernel refused the tile data)";
+#else
+  return "not compiled (needs GCC >= 11 on x86-64)";
+#endif
+}
 
 TORCH_LIBRARY_IMPL(infofuse, CPU, m) {
   m.impl("knn", &knn_cpu);
