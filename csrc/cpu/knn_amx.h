@@ -141,15 +141,16 @@ struct Packed {
 
 // One query's running state: the k smallest U so far (sorted), and the kept (L, j) pairs.
 struct QueryState {
-  float row_thr;           // threshold() − (1 − α)·n_q: what c + (1 − α)·n_y is compared with
+  float* row_thr;          // threshold() − (1 − α)·n_q: what c + (1 − α)·n_y is compared with (a flat array)
   float nl;                // (1 − α)·n_q
   std::vector<float> top;  // ascending, size k (+inf until filled)
   std::vector<std::pair<float, index_t>> kept;
   size_t compact_at = 64;
-  void reset(index_t k, float nl_q) {
+  void reset(index_t k, float nl_q, float* thr_slot) {
     nl = nl_q;
+    row_thr = thr_slot;
     top.assign(k, std::numeric_limits<float>::infinity());
-    row_thr = std::numeric_limits<float>::infinity();
+    *row_thr = std::numeric_limits<float>::infinity();
     kept.clear();
     compact_at = 64;
   }
@@ -162,7 +163,7 @@ struct QueryState {
       --p;
     }
     top[p] = u;
-    row_thr = threshold() - nl;
+    *row_thr = threshold() - nl;
   }
   void keep(float l, index_t j) {
     kept.emplace_back(l, j);
@@ -198,35 +199,44 @@ struct Problem {
   index_t* out_idx;
 };
 
-// Screens the 32 × 32 products in cbuf for queries [i0, i0 + 32) and candidates [j0, j0 + 32).
+// The pairs of query row r that passed: their L and U into the query's state.
+INFOFUSE_KNN_AMX_TARGET __attribute__((noinline)) static void take_passed(const Packed& pk, const float* c, index_t i,
+                                                                          index_t j0, uint32_t pass, QueryState& st) {
+  for (; pass != 0; pass &= pass - 1) {
+    const int b = __builtin_ctz(pass);
+    const index_t j = j0 + b;
+    st.offer_upper(c[b] + pk.yu[j] + pk.qu[i]);
+    st.keep(c[b] + pk.yl[j] + pk.ql[i], j);
+  }
+}
+
+// Screens the 32 × 32 products in cbuf for queries [i0, i0 + 32) and candidates [j0, j0 + 32). row_thr[r] is row
+// r's threshold less its (1 − α)·n_q: L <= T is tested as c + (1 − α)·n_y <= T − (1 − α)·n_q (two roundings,
+// covered like those of L itself). The scalar L and U of a passing pair are formed in the same order as the
+// vector ones would be.
 INFOFUSE_KNN_AMX_TARGET static inline void screen_tile(const Problem& pb, const float* cbuf, index_t i0, index_t j0,
-                                                       QueryState* states) {
+                                                       QueryState* states, const float* row_thr) {
   const Packed& pk = *pb.pk;
   const __m512 yl0 = _mm512_loadu_ps(pk.yl.data() + j0), yl1 = _mm512_loadu_ps(pk.yl.data() + j0 + 16);
-  const __m512 yu0 = _mm512_loadu_ps(pk.yu.data() + j0), yu1 = _mm512_loadu_ps(pk.yu.data() + j0 + 16);
   const index_t rows = std::min(kGroupRows, pk.n - i0);
+  uint32_t masks[kGroupRows];
+  uint32_t any = 0;
   for (index_t r = 0; r < rows; ++r) {
+    const __m512 thr = _mm512_set1_ps(row_thr[r]);
+    const __m512 l0 = _mm512_add_ps(_mm512_load_ps(cbuf + r * 32), yl0);
+    const __m512 l1 = _mm512_add_ps(_mm512_load_ps(cbuf + r * 32 + 16), yl1);
+    const uint32_t pass = _cvtmask16_u32(_mm512_cmp_ps_mask(l0, thr, _CMP_LE_OQ)) |
+                          (_cvtmask16_u32(_mm512_cmp_ps_mask(l1, thr, _CMP_LE_OQ)) << 16);
+    masks[r] = pass;
+    any |= pass;
+  }
+  if (any == 0) return;
+  const bool diag = pb.exclude_self && i0 < j0 + kPairCols && j0 < i0 + kGroupRows;
+  for (index_t r = 0; r < rows; ++r) {
+    uint32_t pass = masks[r];
     const index_t i = i0 + r;
-    QueryState& st = states[r];
-    const __m512 c0 = _mm512_load_ps(cbuf + r * 32), c1 = _mm512_load_ps(cbuf + r * 32 + 16);
-    // L <= T as c + (1 − α)·n_y <= T − (1 − α)·n_q: two roundings, covered like those of L itself.
-    const __m512 thr = _mm512_set1_ps(st.row_thr);
-    const __m512 l0 = _mm512_add_ps(c0, yl0), l1 = _mm512_add_ps(c1, yl1);
-    uint32_t pass = static_cast<uint32_t>(_mm512_cmp_ps_mask(l0, thr, _CMP_LE_OQ)) |
-                    (static_cast<uint32_t>(_mm512_cmp_ps_mask(l1, thr, _CMP_LE_OQ)) << 16);
-    if (pb.exclude_self && i >= j0 && i < j0 + kPairCols) pass &= ~(1u << (i - j0));
-    if (pass == 0) continue;
-    alignas(64) float lv[32], uv[32];
-    const __m512 nu = _mm512_set1_ps(pk.qu[i]), nl = _mm512_set1_ps(pk.ql[i]);
-    _mm512_store_ps(lv, _mm512_add_ps(l0, nl));
-    _mm512_store_ps(lv + 16, _mm512_add_ps(l1, nl));
-    _mm512_store_ps(uv, _mm512_add_ps(_mm512_add_ps(c0, yu0), nu));
-    _mm512_store_ps(uv + 16, _mm512_add_ps(_mm512_add_ps(c1, yu1), nu));
-    for (uint32_t p = pass; p != 0; p &= p - 1) {
-      const int b = __builtin_ctz(p);
-      st.offer_upper(uv[b]);
-      st.keep(lv[b], j0 + b);
-    }
+    if (diag && i >= j0 && i < j0 + kPairCols) pass &= ~(1u << (i - j0));
+    if (pass != 0) take_passed(pk, cbuf + r * 32, i, j0, pass, states[r]);
   }
 }
 
@@ -300,11 +310,14 @@ INFOFUSE_KNN_AMX_TARGET static void worker(const Problem& pb, std::atomic<index_
   _tile_loadconfig(&cfg);
   alignas(64) float cbuf[kGroupRows * kPairCols];
   std::vector<QueryState> states(block_rows);
+  std::vector<float> row_thr(block_rows);
   std::vector<std::pair<float, index_t>> sort_buffer;
   for (index_t blk = next->fetch_add(1); blk < n_blocks; blk = next->fetch_add(1)) {
     const index_t b0 = blk * block_rows;
     const index_t groups = std::min(kBlockGroups, (pk.n - b0 + kGroupRows - 1) / kGroupRows);
-    for (index_t r = 0; r < groups * kGroupRows; ++r) states[r].reset(pb.k, pk.ql[std::min(b0 + r, pk.n - 1)]);
+    for (index_t r = 0; r < groups * kGroupRows; ++r) {
+      states[r].reset(pb.k, pk.ql[std::min(b0 + r, pk.n - 1)], row_thr.data() + r);
+    }
     for (index_t c0 = 0; c0 < pk.m_pad; c0 += kChunkCols) {
       const index_t c1 = std::min(pk.m_pad, c0 + kChunkCols);
       for (index_t g = 0; g < groups; ++g) {
@@ -334,7 +347,7 @@ INFOFUSE_KNN_AMX_TARGET static void worker(const Problem& pb, std::atomic<index_
           _tile_stored(1, cbuf + 16, kPairCols * 4);
           _tile_stored(2, cbuf + 16 * kPairCols, kPairCols * 4);
           _tile_stored(3, cbuf + 16 * kPairCols + 16, kPairCols * 4);
-          screen_tile(pb, cbuf, i0, j0, states.data() + g * kGroupRows);
+          screen_tile(pb, cbuf, i0, j0, states.data() + g * kGroupRows, row_thr.data() + g * kGroupRows);
         }
       }
     }
