@@ -19,6 +19,7 @@ is a PEFT layer) when called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -33,7 +34,35 @@ __all__ = ["patch", "unpatch", "is_patched", "REFUSED_FAMILIES"]
 
 # Families whose loss the patch does not reproduce, by ``config.model_type``, each with what it does differently.
 # Found by tests/test_hf.py (stock vs patched on a tiny model of every family); transformers 5.25.
-REFUSED_FAMILIES: dict[str, str] = {}
+_UNSHIFTED = (
+    "its forward computes its own cross-entropy on labels that are not shifted (labels[..., i] is the target of "
+    "logits[..., i]), not transformers' ForCausalLMLoss"
+)
+_PREDICTION_HEAD = (
+    "its head applies a prediction transform (dense layer, activation, layer norm) to the decoder's output before "
+    "the output embedding"
+)
+_NO_LOGITS_TO_KEEP = "its forward has no logits_to_keep argument, so it cannot be run without computing the logits"
+REFUSED_FAMILIES: dict[str, str] = {
+    **dict.fromkeys(
+        ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "cpmant", "marian", "mbart", "mvp", "pegasus",
+         "plbart"),
+        _UNSHIFTED,
+    ),
+    **dict.fromkeys(
+        ("bert", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert", "modernbert-decoder",
+         "rembert", "roberta", "roberta-prelayernorm", "roformer", "xlm-roberta", "xlm-roberta-xl"),
+        _PREDICTION_HEAD,
+    ),
+    **dict.fromkeys(("trocr", "whisper"), _NO_LOGITS_TO_KEEP),
+    "xlm": "its head (XLMPredLayer) computes the loss itself",
+    "ergo": "its output embedding is an ErgoLinearWithFP32Output (a float32-output head), not an nn.Linear",
+    "inkling_text": "its forward slices the vocabulary padding off the logits (unpadded_vocab_size) before the loss",
+    "deepseek_v4": (
+        "its hyper-connection head (hc_head) sits between the decoder and lm_head; the gradient of hc_head.hc_fn "
+        "differed from stock by 3.5e-5 relative in float32, above the 1e-5 that verified families meet"
+    ),
+}  # fmt: skip
 
 # Families whose head multiplies the logits by ``config.logits_scaling`` (Granite's divides by it).
 _MULTIPLY_BY_LOGITS_SCALING = frozenset({"hyperclovax"})
@@ -178,7 +207,9 @@ def _logit_transform(model) -> tuple[float | None, float | None]:
     multiplier = getattr(base, "lm_head_multiplier", None)
     if isinstance(multiplier, numbers.Real) and multiplier != 1:  # Falcon-H1: lm_head(x) * lm_head_multiplier
         scale = (scale or 1.0) * float(multiplier)
-    softcap = getattr(text, "final_logit_softcapping", None)
+    softcap = getattr(text, "final_logit_softcapping", None)  # Gemma-2/3
+    if softcap is None:
+        softcap = getattr(text, "logits_soft_cap", None)  # RecurrentGemma
     return scale, (float(softcap) if softcap else None)
 
 
@@ -232,9 +263,14 @@ def patch(model, *, fused: bool | None = None, **options):
             f"infofuse.hf.patch refuses {family}: its loss_function is {inner.loss_function!r}, not transformers' "
             "ForCausalLMLoss"
         )
-    base = inner.base_model
-    if base is inner:
-        raise ValueError(f"infofuse.hf.patch refuses {family}: it has no base model ({inner.base_model_prefix!r})")
+    base = None  # the module whose last hidden state the head reads (BART-like: .model.decoder)
+    with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
+        base = inner.get_decoder()
+    for candidate in (inner.base_model, getattr(inner, "model", None)):
+        if base is None or base is inner:
+            base = candidate
+    if not isinstance(base, nn.Module) or base is inner:
+        raise ValueError(f"infofuse.hf.patch refuses {family}: it has no separate decoder / base model")
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"infofuse.hf.patch refuses {family}: get_output_embeddings() is None")
@@ -256,7 +292,10 @@ def patch(model, *, fused: bool | None = None, **options):
 
     def capture(module, args, output):
         if state.capturing:
-            state.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            if isinstance(output, torch.Tensor):
+                state.hidden = output
+            else:
+                state.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     state.hook = base.register_forward_hook(capture)
 
@@ -328,13 +367,21 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     aux = out.get("aux_loss") if labels is not None else None
     if aux is not None:
-        coef = getattr(model, "router_aux_loss_coef", None)
-        if coef is None:
-            coef = model.config.get_text_config().router_aux_loss_coef
+        coef = _aux_loss_coef(model)
         loss = loss + coef * aux.to(loss.device)
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     result = type(out)(loss=loss, **fields)
     return result.to_tuple() if as_tuple else result
+
+
+def _aux_loss_coef(model) -> float:
+    text = model.config.get_text_config()
+    for owner in (model, text):
+        for name in ("router_aux_loss_coef", "aux_loss_coef"):
+            value = getattr(owner, name, None)
+            if value is not None:
+                return value
+    raise ValueError(f"infofuse.hf: {_family(model)} returns an aux_loss but has no router_aux_loss_coef")
 
 
 def is_patched(model) -> bool:
