@@ -168,3 +168,243 @@ def test_family_generation(model_type):
         hf.patch(model)
         got = model.generate(**kwargs)
     assert torch.equal(got, ref), f"{got.tolist()} != {ref.tolist()}"
+
+
+# ---------------------------------------------------------------- one small Llama: the call paths of the patch
+
+
+def small_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)  # fmt: skip
+    config.update(overrides)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**config))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_items_in_batch=torch.tensor(5)),
+        dict(num_items_in_batch=3),
+        dict(ignore_index=7),
+        "shift_labels",
+    ],
+    ids=["num_items_tensor", "num_items_int", "ignore_index", "shift_labels"],
+)
+def test_loss_kwargs_like_stock(kwargs):
+    model = small_llama()
+    ids, mask, labels = batch()
+    if kwargs == "shift_labels":  # given as is, not shifted again: stock needs labels too to compute a loss
+        shift = labels.roll(-1, 1)
+        shift[:, -1] = -100
+        kwargs = dict(shift_labels=shift)
+    if "ignore_index" in kwargs:  # the ignored positions carry that index (and so do real 7s)
+        labels = labels.masked_fill(labels == -100, kwargs["ignore_index"])
+    ref, ref_grads = loss_and_grads(model, ids, mask, labels, **kwargs)
+    hf.patch(model)
+    out, grads = loss_and_grads(model, ids, mask, labels, **kwargs)
+    assert out.logits is None
+    assert_same(out.loss, ref.loss, grads, ref_grads)
+
+
+def test_eval_generation_and_unpatch_are_stock():
+    model = small_llama()
+    ids, mask, labels = batch()
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+        hf.patch(model)
+        assert hf.is_patched(model) and "forward" in vars(model)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)  # eval: the stock forward, logits and all
+        assert out.logits is not None and torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+        last = model(ids, attention_mask=mask, logits_to_keep=1)  # positional input_ids, logits_to_keep
+        assert last.logits.shape == (2, 1, VOCAB)
+        model.train()
+        with pytest.raises(ValueError, match="batch_size"):  # logits asked for: stock (which fails), in training too
+            model(input_ids=ids, labels=labels, logits_to_keep=1)
+        hf.unpatch(model)
+    assert not hf.is_patched(model) and "forward" not in vars(model)
+    assert model.forward.__func__ is type(model).forward
+    with pytest.raises(ValueError, match="not patched"):
+        hf.unpatch(model)
+
+
+def test_fused_option_and_return_dict():
+    model = small_llama()
+    ids, mask, labels = batch()
+    model.eval()
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+    hf.patch(model, fused=True)  # labels in eval mode: fused too
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and rel_err(out.loss, ref.loss) <= TOL
+    as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and rel_err(as_tuple[0], ref.loss) <= TOL
+    hf.patch(model, fused=False)  # patching again replaces the options
+    assert model(input_ids=ids, labels=labels).logits is not None
+    model.train()
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_options_reach_linear_cross_entropy():
+    model = small_llama()
+    ids, mask, labels = batch()
+    hf.patch(model, impl="reference", z_loss=1e-2, label_smoothing=0.1)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    hf.unpatch(model)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden)[:, :-1].reshape(-1, VOCAB)
+        target = labels[:, 1:].reshape(-1)
+        valid = target != -100
+        lse = logits.logsumexp(-1)[valid]
+        want = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.1) + 1e-2 * lse.square().mean()
+    assert rel_err(out.loss, want) <= TOL
+
+
+def test_bad_input():
+    model = small_llama()
+    with pytest.raises(TypeError, match="unknown options"):
+        hf.patch(model, chunksize=4)
+    with pytest.raises(TypeError, match="fused must be"):
+        hf.patch(model, fused="yes")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hf.patch(torch.nn.Linear(2, 2))
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, VOCAB))
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        hf.patch(model)
+    assert not hf.is_patched(model)
+
+
+# ---------------------------------------------------------------- Trainer with gradient accumulation
+
+
+def _trainer_run(model, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    losses = []
+
+    class Recording(Trainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            loss = super().compute_loss(model, inputs, **kwargs)
+            losses.append(loss.detach().clone())
+            return loss
+
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(16):  # a different number of valid labels in every row: num_items_in_batch matters
+        ids = torch.randint(3, VOCAB, (9,), generator=g)
+        n = 3 + i % 6
+        mask = (torch.arange(9) < n).long()
+        labels = torch.where(mask.bool(), ids, -100)
+        rows.append(dict(input_ids=ids, attention_mask=mask, labels=labels))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=2,
+        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Recording(model=model, args=args, train_dataset=rows).train()
+    updates = {n: p.detach() - initial[n] for n, p in model.named_parameters()}
+    return torch.stack(losses), updates
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_trainer_gradient_accumulation(accepts_loss_kwargs, tmp_path):
+    """Two SGD steps of 4 accumulated micro-batches, stock vs patched: same losses, same weight updates."""
+    import copy
+
+    stock = small_llama()
+    if not accepts_loss_kwargs:  # as the families that set it on their class (Qwen2.5-VL, GLM-4V, ...)
+        stock.accepts_loss_kwargs = False
+    patched = hf.patch(copy.deepcopy(stock))
+    ref_losses, ref_updates = _trainer_run(stock, tmp_path / "stock")
+    losses, updates = _trainer_run(patched, tmp_path / "patched")
+    assert ref_losses.numel() == 8
+    assert rel_err(losses, ref_losses) <= TOL, f"{losses.tolist()} vs {ref_losses.tolist()}"
+    for name, ref in ref_updates.items():
+        assert rel_err(updates[name], ref) <= TOL, f"{name}: update relative error {rel_err(updates[name], ref):.2e}"
+
+
+# ---------------------------------------------------------------- PEFT on the head
+
+
+def _peft_pair(**lora):
+    import copy
+
+    peft = pytest.importorskip("peft")
+    stock = peft.get_peft_model(small_llama(), peft.LoraConfig(**lora))
+    torch.manual_seed(5)
+    for name, p in stock.named_parameters():
+        if "lora_B" in name:  # B starts at zero: a random B makes the gradient of A non-zero
+            p.data.normal_(0, 0.1)
+    patched = copy.deepcopy(stock)
+    assert hf.patch(patched) is patched
+    return stock, patched
+
+
+def _trainable_grads(model, ids, mask, labels):
+    out, grads = loss_and_grads(model, ids, mask, labels)
+    return out, {n: g for n, g in grads.items() if dict(model.named_parameters())[n].requires_grad}
+
+
+def test_peft_lora_on_head():
+    stock, patched = _peft_pair(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], lora_dropout=0.0)
+    ids, mask, labels = batch()
+    ref, ref_grads = _trainable_grads(stock, ids, mask, labels)
+    out, grads = _trainable_grads(patched, ids, mask, labels)
+    assert out.logits is None
+    head = [n for n in ref_grads if "lm_head.lora_" in n]
+    assert len(head) == 2 and all(ref_grads[n].abs().sum() > 0 for n in head)
+    assert_same(out.loss, ref.loss, grads, ref_grads)
+
+
+def test_peft_modules_to_save_head():
+    stock, patched = _peft_pair(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    ids, mask, labels = batch()
+    ref, ref_grads = _trainable_grads(stock, ids, mask, labels)
+    out, grads = _trainable_grads(patched, ids, mask, labels)
+    assert any("modules_to_save" in n and "lm_head" in n for n in ref_grads)
+    assert out.logits is None
+    assert_same(out.loss, ref.loss, grads, ref_grads)
+    with torch.no_grad(), patched.disable_adapter(), stock.disable_adapter():  # the original head (frozen)
+        ref = _stock_loss(stock, ids, mask, labels)
+        out = _stock_loss(patched, ids, mask, labels)
+    assert out.logits is None and rel_err(out.loss, ref.loss) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_peft_other_adapters_on_head_refused(kind):
+    peft = pytest.importorskip("peft")
+    if kind == "dora":
+        config = peft.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True)
+    else:
+        config = peft.IA3Config(target_modules=["lm_head", "down_proj"], feedforward_modules=["down_proj"])
+    model = peft.get_peft_model(small_llama(), config)
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        hf.patch(model)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compile_adds_no_graph_break():
+    model = small_llama()
+    ids, mask, labels = batch()
+    counts = {}
+    for name in ("stock", "patched"):
+        if name == "patched":
+            hf.patch(model)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+        counts[name] = explained.graph_break_count
+    assert counts["patched"] <= counts["stock"], counts
+    torch._dynamo.reset()
+    ref, ref_grads = loss_and_grads(hf.unpatch(model), ids, mask, labels)
+    hf.patch(model)
+    compiled = torch.compile(model, backend="eager")
+    out, grads = loss_and_grads(compiled, ids, mask, labels)
+    assert out.logits is None
+    assert_same(out.loss, ref.loss, {n.removeprefix("_orig_mod."): g for n, g in grads.items()}, ref_grads)
