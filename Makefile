@@ -11,7 +11,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 BENCH_ARGS ?=
 
-.PHONY: demo test install install-test lint format cuda-check clean
+.PHONY: demo test install install-test lint format cuda-check clean example-hf
 
 $(VENV)/.torch:
 	@if [ -n "$(HAS_GPU)" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
@@ -26,7 +26,7 @@ $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.torch $(SOURCES)
-	$(PIP) install --no-build-isolation -e ".[bench,test]"
+	$(PIP) install --no-build-isolation -e ".[bench,test,hf]"
 	# open_clip's losses, a test reference: without its dependencies (torchvision would pull another torch);
 	# tests/test_info_nce.py loads open_clip/loss.py, which needs only torch
 	$(PIP) install --no-deps "open-clip-torch==3.3.0"
@@ -41,13 +41,17 @@ demo: install
 test: install-test
 	$(PY) -m pytest -q
 
+# A tiny Llama trained on CPython's standard library, stock and with infofuse.hf.patch (offline, CPU, ~10 min)
+example-hf: install-test
+	$(PY) examples/train_tiny_lm.py
+
 lint: install-test
-	$(VENV)/bin/ruff check python bench tests triton_kernels setup.py
-	$(VENV)/bin/ruff format --check python bench tests triton_kernels setup.py
+	$(VENV)/bin/ruff check python bench tests triton_kernels examples setup.py
+	$(VENV)/bin/ruff format --check python bench tests triton_kernels examples setup.py
 	$(VENV)/bin/clang-format --dry-run -Werror $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 
 format: install-test
-	$(VENV)/bin/ruff format python bench tests triton_kernels setup.py
+	$(VENV)/bin/ruff format python bench tests triton_kernels examples setup.py
 	$(VENV)/bin/clang-format -i $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cu)
 
 # CUDA sources must compile wherever nvcc is, GPU or not: `nvcc -c` for sm_80 and sm_90a against torch's headers.
