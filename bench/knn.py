@@ -135,13 +135,14 @@ def _sklearn_peer(device: str) -> Peer:
     def build():
         def fn(x, k, metric):
             data = x.detach().double().numpy()
-            nn = neighbors.NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(data)
+            # n_jobs=-1: its queries on every core, as infofuse and faiss use them (1 job before 2026-12-07)
+            nn = neighbors.NearestNeighbors(n_neighbors=k + 1, metric=metric, n_jobs=-1).fit(data)
             _, ind = nn.kneighbors(data)
             return _estimate(x, _kth_other(torch.from_numpy(ind), k), k, metric)
 
         return fn
 
-    return Peer("sklearn", build, note="NearestNeighbors(n_neighbors=k + 1, metric=...).kneighbors")
+    return Peer("sklearn", build, note="NearestNeighbors(n_neighbors=k + 1, metric=..., n_jobs=-1).kneighbors")
 
 
 def _npeet_peer(device: str) -> Peer:
