@@ -256,6 +256,32 @@ def test_every_option(impl, option_set, reduction):
     check_impl(impl, x, w, t, b, reduction=reduction, **opts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("option_set", ["plain", "everything", "weight_smoothing", "ignore_index_in_range"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "case",
+    [(75, 9, 1300, 70), (5, 4, 263_000, 2)],
+    ids=["v1300_chunk70", "v263000_chunk2"],
+)
+def test_cpu_shapes_across_blocks(dtype, option_set, reduction, case):
+    """The CPU kernel where V and a chunk's rows defeat its inner blocking: V = 1300 (several 512-class parts,
+    the last one partial), 70-row chunks (a 64-column group and a 6-column tail; the last chunk 5 rows), and
+    2-row chunks over V = 263000 (past one ~2 MiB block of logits, targets in both blocks)."""
+    if "cpu" not in IMPLS:
+        pytest.skip("no CPU extension")
+    n, d, v, chunk = case
+    make_kw, opts = _options(option_set, v)
+    x, w, t, b = make_inputs((n,), d, v, seed=6, **make_kw)
+    if v > 200_000:
+        t[: n // 2] = torch.randint(v - 500, v, (n // 2,), generator=torch.Generator().manual_seed(1))
+    opts["chunk_size"] = chunk
+    if dtype == torch.float64:
+        check_impl("cpu", x, w, t, b, reduction=reduction, **opts)
+    else:
+        check_graded_float32("cpu", x, w, t, b, reduction=reduction, **opts)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradient_through_lse(impl, reduction):

@@ -20,7 +20,8 @@
 // whose distance rounds to the same value (the 2^-18 covers both that and the flush-to-zero slack), so no pair of
 // the exact top k, ties included, is missed.
 //
-// Layout: queries as rows of v̂ (dp = d rounded up to 32 bfloat16, zero-padded), 32 rows per group (two A tiles);
+// Layout: queries as rows of v̂ (dp = d rounded up to 32 bfloat16, zero-padded), 32 rows per group (two A tiles),
+// packed per thread block;
 // candidates packed per block of 16 and per 32 dimensions in the tile unit's pair-interleaved B layout (1 KiB per
 // tile), padding candidates with L = U = +inf. A thread takes 512 queries at a time and sweeps the candidates in
 // chunks of 2048 (512 KiB of tiles at d = 128, kept in L2 across the block's 16 groups); per group and pair of
@@ -84,7 +85,7 @@ struct Packed {
   index_t n = 0, m = 0, d = 0, dp = 0, steps = 0, m_pad = 0;
   float alpha = 0;
   float max_norm = 0;                 // the largest n_y or n_q (screening needs <= kScreenMax)
-  std::vector<uint16_t> q;            // (n rounded up to 32) rows of dp: v̂ = bf16(−2v)
+  std::vector<float> center;          // μ: the candidates' mean
   std::vector<uint16_t> y;            // m_pad / 16 blocks × steps tiles of 16 × 32
   std::vector<float> ql, qu, yl, yu;  // (1 ∓ α)·n per query / per candidate (+inf for padding)
 
@@ -100,10 +101,10 @@ struct Packed {
     for (index_t j = 0; j < m; ++j) {
       for (index_t t = 0; t < d; ++t) mu[t] += yp[j * d + t];
     }
-    std::vector<float> c(d);
-    for (index_t t = 0; t < d; ++t) c[t] = static_cast<float>(mu[t] / static_cast<double>(m > 0 ? m : 1));
+    center.resize(d);
+    const float* c = center.data();
+    for (index_t t = 0; t < d; ++t) center[t] = static_cast<float>(mu[t] / static_cast<double>(m > 0 ? m : 1));
     const index_t n_rows = (n + kGroupRows - 1) / kGroupRows * kGroupRows;
-    q.assign(n_rows * dp, 0);
     ql.assign(n_rows, 0.0f);
     qu.assign(n_rows, 0.0f);
     y.assign(m_pad * dp, 0);
@@ -116,7 +117,6 @@ struct Packed {
       for (index_t t = 0; t < d; ++t) {
         const float v = x[i * d + t] - c[t];
         nrm = __builtin_fmaf(v, v, nrm);
-        q[i * dp + t] = static_cast<uint16_t>(bf16_bits(-2.0f * v));
       }
       max_norm = std::max(max_norm, nrm);
       ql[i] = (1.0f - alpha) * nrm;
@@ -138,6 +138,18 @@ struct Packed {
     }
   }
 };
+
+// Rows [r0, r0 + rows) of the queries as A-tile rows of v̂ = bf16(−2·fl(x − μ)) (zero past d and past n), into out
+// (rows rounded up to 32, dp each): packed per thread block, so that no N·dp copy of the queries exists.
+inline void pack_queries(const Packed& pk, const float* x, index_t r0, index_t rows, uint16_t* out) {
+  const index_t d = pk.d, dp = pk.dp;
+  const index_t padded = (rows + kGroupRows - 1) / kGroupRows * kGroupRows;
+  std::fill(out, out + padded * dp, uint16_t(0));
+  for (index_t r = 0; r < rows; ++r) {
+    const float* xi = x + (r0 + r) * d;
+    for (index_t t = 0; t < d; ++t) out[r * dp + t] = static_cast<uint16_t>(bf16_bits(-2.0f * (xi[t] - pk.center[t])));
+  }
+}
 
 // One query's running state: the k smallest U so far (sorted), and the kept (L, j) pairs.
 struct QueryState {
@@ -311,6 +323,7 @@ INFOFUSE_KNN_AMX_TARGET static void worker(const Problem& pb, std::atomic<index_
   alignas(64) float cbuf[kGroupRows * kPairCols];
   std::vector<QueryState> states(block_rows);
   std::vector<float> row_thr(block_rows);
+  std::vector<uint16_t> qblk(block_rows * dp);
   std::vector<std::pair<float, index_t>> sort_buffer;
   for (index_t blk = next->fetch_add(1); blk < n_blocks; blk = next->fetch_add(1)) {
     const index_t b0 = blk * block_rows;
@@ -318,11 +331,12 @@ INFOFUSE_KNN_AMX_TARGET static void worker(const Problem& pb, std::atomic<index_
     for (index_t r = 0; r < groups * kGroupRows; ++r) {
       states[r].reset(pb.k, pk.ql[std::min(b0 + r, pk.n - 1)], row_thr.data() + r);
     }
+    pack_queries(pk, pb.x, b0, std::min(block_rows, pk.n - b0), qblk.data());
     for (index_t c0 = 0; c0 < pk.m_pad; c0 += kChunkCols) {
       const index_t c1 = std::min(pk.m_pad, c0 + kChunkCols);
       for (index_t g = 0; g < groups; ++g) {
         const index_t i0 = b0 + g * kGroupRows;
-        const uint16_t* a = pk.q.data() + i0 * dp;
+        const uint16_t* a = qblk.data() + g * kGroupRows * dp;
         for (index_t j0 = c0; j0 < c1; j0 += kPairCols) {
           const uint16_t* b = pk.y.data() + (j0 / 16) * steps * 512;
           _tile_zero(0);
