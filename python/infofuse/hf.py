@@ -14,7 +14,8 @@ The loss is the one of transformers' ``ForCausalLMLoss``: labels shifted left wi
 auxiliary router loss. Families whose head the patch cannot reproduce are refused by :func:`patch`; the list comes
 from tests/test_hf.py, which compares every causal-LM family that transformers builds offline against its stock
 forward. ``import infofuse`` does not import this module; it imports ``transformers`` (and ``peft``, when the head
-is a PEFT layer) when called.
+is a PEFT layer) when called. A sharded head (tensor-parallel ``DTensor``, FSDP2, DeepSpeed ZeRO-3) is made whole on
+every rank for the op; docs/hf.md says how and what that costs.
 """
 
 from __future__ import annotations
@@ -111,11 +112,12 @@ def _peft():
     return peft
 
 
-def _head_tensors(head, family: str):
+def _head_tensors(head, family: str, gather: bool = False):
     """(input transform, weight, bias) of the output embedding: logits = F.linear(transform(x), weight, bias).
 
     The transform is None for a plain linear head; for LoRA it appends s·dropout(x)·Aᵀ to x (and B to the weight),
-    so that x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ is one linear map of [x, s·dropout(x) Aᵀ] by [W, B].
+    so that x Wᵀ + s·(dropout(x) Aᵀ) Bᵀ is one linear map of [x, s·dropout(x) Aᵀ] by [W, B]. With ``gather``, every
+    tensor is whole (:func:`_gathered`); without it (the check in :func:`patch`), nothing is communicated.
     """
     peft = _peft()
     if peft is not None:
@@ -127,18 +129,20 @@ def _head_tensors(head, family: str):
                 inner = head.original_module
             else:
                 inner = head.modules_to_save[head.active_adapters[0]]
-            return _head_tensors(inner, family)
+            return _head_tensors(inner, family, gather)
         if isinstance(head, BaseTunerLayer):
-            return _lora_head(head, family)
+            return _lora_head(head, family, gather)
     if type(head) is not nn.Linear and not (isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward):
         raise TypeError(
             f"infofuse.hf: the output embedding of {family} is a {type(head).__name__}, not an nn.Linear (or a PEFT "
             "LoRA / modules_to_save layer around one); the patch cannot compute its loss without logits"
         )
+    if gather:
+        return None, _gathered(head.weight), _gathered(head.bias)
     return None, head.weight, head.bias
 
 
-def _lora_head(head, family: str):
+def _lora_head(head, family: str, gather: bool):
     from peft.tuners.lora import Linear as LoraLinear
 
     if type(head) is not LoraLinear:
@@ -147,7 +151,7 @@ def _lora_head(head, family: str):
             "only LoRA (peft.tuners.lora.Linear) and modules_to_save are supported on the head"
         )
     base = head.get_base_layer()
-    _, weight, bias = _head_tensors(base, family)
+    _, weight, bias = _head_tensors(base, family, gather)
     if head.disable_adapters or head.merged:
         return None, weight, bias
     adapters = []
@@ -163,7 +167,8 @@ def _lora_head(head, family: str):
         a, b = head.lora_A[name], head.lora_B[name]
         if a.bias is not None or b.bias is not None:
             raise TypeError(f"infofuse.hf: the LoRA adapter {name!r} on the head of {family} has a bias (lora_bias)")
-        adapters.append((a.weight, b.weight, head.scaling[name], head.lora_dropout[name]))
+        a, b = (_gathered(a.weight), _gathered(b.weight)) if gather else (a.weight, b.weight)
+        adapters.append((a, b, head.scaling[name], head.lora_dropout[name]))
     if not adapters:
         return None, weight, bias
 
@@ -179,14 +184,93 @@ def _lora_head(head, family: str):
 
 
 def _gathered(t):
-    """A DTensor (FSDP2, tensor parallel) gathered whole, differentiably; other tensors as they are."""
+    """``t`` whole and differentiable: a DTensor (FSDP2, tensor parallel) gathered with ``full_tensor()``; a
+    DeepSpeed ZeRO-3 parameter (it has ``ds_id``; whole only inside :func:`_zero3_gathered`) copied, so that the
+    op's backward still has it after ZeRO-3 partitions it again; other tensors as they are."""
     if t is None:
         return None
+    if hasattr(t, "ds_id"):
+        return t.clone()
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _unshard_fsdp2(head) -> None:
+    """Unshard the FSDP2 units inside ``head`` (``fully_shard(model.lm_head)``): they reshard after the stock
+    forward's call on zero positions, and a sharded parameter gathered by the patch would get its rank's gradient
+    without FSDP2's reduction across ranks. Unsharded, the op uses FSDP2's own unsharded parameters, whose gradients
+    FSDP2 reduce-scatters (and reshards) at the end of backward, as for a unit with ``reshard_after_forward=False``."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in head.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+
+
+def _zero3_gathered(head):
+    """A context in which the DeepSpeed ZeRO-3 parameters of ``head`` are whole on every rank (their
+    ``GatheredParameters``, read-only: ``modifier_rank=None``); a null context when it has none, deepspeed or not."""
+    params = [p for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # a parameter with ds_id comes from deepspeed, so it is importable
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
+        return False
+    return isinstance(t, DTensor)
+
+
+class _NoLogits(nn.Module):
+    """Stands in for a tensor-parallel head while the stock forward applies it to zero positions: DTensor cannot
+    propagate shardings through a zero-size tensor (``aten._unsafe_view``: "integer modulo by zero", torch 2.13), and
+    a plain weight sharded by hand cannot meet the plain hidden states. Returns the empty logits, communicates
+    nothing."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_empty(*x.shape[:-1], self.out_features)
+
+
+def _head_slot(model, head, family: str):
+    """(parent module, attribute name) under which ``model`` holds ``head``."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is head:
+                return parent, name
+    raise ValueError(f"infofuse.hf: the output embedding of {family} is not a submodule of the model")
+
+
+@contextlib.contextmanager
+def _stock_without_sharded_head(model, family: str):
+    """Within it, the model's head is a :class:`_NoLogits` when its weight is a ``DTensor`` outside FSDP2 (tensor
+    parallel); FSDP2 units keep their head, whose hooks unshard it for the call."""
+    head = model.get_output_embeddings()
+    _, weight, _ = _head_tensors(head, family)
+    if _is_dtensor(weight):
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = not any(isinstance(module, FSDPModule) for module in head.modules())
+    else:
+        sharded = False
+    if not sharded:
+        yield
+        return
+    parent, name = _head_slot(model, head, family)
+    setattr(parent, name, _NoLogits(weight.shape[0]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, head)
 
 
 def _logit_transform(model) -> tuple[float | None, float | None]:
@@ -329,7 +413,8 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
     kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=device)
     state.capturing, state.hidden = True, None
     try:
-        out = state.stock(**kwargs)
+        with _stock_without_sharded_head(model, family):
+            out = state.stock(**kwargs)
     finally:
         state.capturing = False
     hidden, state.hidden = state.hidden, None
@@ -345,8 +430,10 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
             f"infofuse.hf: {family} produced {x.shape[0]} hidden states for {target.shape[0]} labels; labels must "
             "have the shape of input_ids"
         )
-    transform, weight, bias = _head_tensors(model.get_output_embeddings(), family)
-    weight, bias = _gathered(weight), _gathered(bias)
+    head = model.get_output_embeddings()
+    _unshard_fsdp2(head)
+    with _zero3_gathered(head):
+        transform, weight, bias = _head_tensors(head, family, gather=True)
     if transform is not None:
         x = transform(x)
     scale, softcap = _logit_transform(model)
