@@ -27,7 +27,7 @@ import torch
 
 from ._autograd import refuse_double_backward
 from ._library import LIB, define
-from .linear_cross_entropy import _acc_dtype, grad_flags
+from .linear_cross_entropy import _acc_dtype, _empty_like_flag, grad_flags
 from .linear_cross_entropy_chunked import add_grad_products, logits_into
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -268,8 +268,8 @@ def _forward_fake(
     lse = input.new_empty((n,), dtype=acc)
     want_bias = grad_bias and linear_bias is not None
     grads = reduction != 0 and (grad_input or grad_weight or want_bias)
-    gi = input.new_empty((n, d)) if grads and grad_input else input.new_empty((0,))
-    gw = linear_weight.new_empty((v, d)) if grads and grad_weight else linear_weight.new_empty((0,))
+    gi = _empty_like_flag(grads and grad_input, (n, d), input)
+    gw = _empty_like_flag(grads and grad_weight, (v, d), linear_weight)
     gb = linear_bias.new_empty((v,)) if grads and want_bias else input.new_empty((0,))
     return loss, lse, gi, gw, gb
 
@@ -295,8 +295,8 @@ def _backward_fake(
 ):
     n, d = input.shape
     v = linear_weight.shape[0]
-    gi = input.new_empty((n, d)) if grad_input else input.new_empty((0,))
-    gw = linear_weight.new_empty((v, d)) if grad_weight else linear_weight.new_empty((0,))
+    gi = _empty_like_flag(grad_input, (n, d), input)
+    gw = _empty_like_flag(grad_weight, (v, d), linear_weight)
     gb = linear_bias.new_empty((v,)) if grad_bias and linear_bias is not None else input.new_empty((0,))
     gq = target.new_empty((n, target.shape[1])) if grad_target else target.new_empty((0,))
     return gi, gw, gb, gq
