@@ -179,10 +179,14 @@ void count_worker(const CountProblem<T>& pb, std::atomic<index_t>* next) {
   count_worker_base<T, kMetric>(pb, next);
 }
 
-// Runs work(next) on every thread, the threads sharing one block counter.
+// Runs work(next) on every thread (parallel) or on this one, the threads sharing one block counter.
 template <typename Work>
-void run_workers(index_t n_blocks, const Work& work) {
+void run_workers(index_t n_blocks, const Work& work, bool parallel = true) {
   std::atomic<index_t> next{0};
+  if (!parallel) {
+    work(&next);
+    return;
+  }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), n_blocks);
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) work(&next);
@@ -262,12 +266,7 @@ bool knn_amx_entry(const float* x, index_t n, const float* y, index_t m, index_t
   const knn::amx::Problem pb{x, y, &pk, k, exclude_self, dist, idx};
   const index_t rows = knn::amx::kBlockGroups * knn::amx::kGroupRows;
   const auto work = [&](std::atomic<index_t>* next) { knn::amx::worker(pb, next); };
-  if (parallel) {
-    run_workers((n + rows - 1) / rows, work);
-  } else {
-    std::atomic<index_t> next{0};
-    work(&next);
-  }
+  run_workers((n + rows - 1) / rows, work, parallel);
   g_knn_amx_problems.fetch_add(1);
   return true;
 }
@@ -311,12 +310,7 @@ void knn_impl(const at::Tensor& xa, const at::Tensor& ya, bool same, int64_t k, 
     const KnnProblem<T> pb{xb,           same ? &ctree : &qtree,       &ctree,           k,
                            exclude_self, screened ? &screen : nullptr, dist + b * n * k, idx + b * n * k};
     const auto work = [&](std::atomic<index_t>* next) { knn_worker<T, kMetric>(pb, next); };
-    if (parallel) {
-      run_workers(pb.qtree->n_leaves, work);
-    } else {
-      std::atomic<index_t> next{0};
-      work(&next);
-    }
+    run_workers(pb.qtree->n_leaves, work, parallel);
   });
 }
 
@@ -389,12 +383,7 @@ void count_impl(const at::Tensor& xa, const at::Tensor& ra, bool strict, int64_t
     tree.build(xb, n, d, leaf, /*with_tiles=*/true);
     const CountProblem<T> pb{xb, &tree, S.data(), ob};
     const auto work = [&](std::atomic<index_t>* next) { count_worker<T, kMetric>(pb, next); };
-    if (parallel) {
-      run_workers(tree.n_leaves, work);
-    } else {
-      std::atomic<index_t> next{0};
-      work(&next);
-    }
+    run_workers(tree.n_leaves, work, parallel);
   });
 }
 

@@ -194,10 +194,7 @@ struct QueryState {
 // The exact s of query row x against candidate row y: rule 1's sequence.
 INFOFUSE_KNN_AMX_TARGET static inline float exact_s(const float* x, const float* y, index_t d) {
   float s = 0;
-  for (index_t t = 0; t < d; ++t) {
-    const float diff = y[t] - x[t];
-    s = __builtin_fmaf(diff, diff, s);
-  }
+  for (index_t t = 0; t < d; ++t) s = step<kEuclidean, true>(s, y[t] - x[t]);
   return s;
 }
 
