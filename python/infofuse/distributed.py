@@ -1,0 +1,37 @@
+"""infofuse past one device, on ``torch.distributed`` (any backend: NCCL on GPUs, gloo on CPUs) and DTensor.
+
+Three families, each the single-process op of the same name on the union of the ranks' data:
+
+- vocabulary parallel: ``linear_cross_entropy`` with each rank holding its rows of the V×D head;
+- data parallel: ``info_nce``, ``clip_loss``, ``siglip_loss``, ``nt_xent``, ``supcon_loss`` with each rank holding
+  its rows of the batch;
+- sharded points: ``knn``, ``knn_entropy``, ``ksg_mutual_information``, ``knn_kl_divergence``, ``koleo_loss`` with
+  each rank holding its shard of the point set.
+
+Before any kernel the ranks exchange their shapes, dtypes and options in one small all-gather, and every rank
+raises the same error on a disagreement (never a hang, never a wrong answer). ``comm_stats()`` counts the bytes
+this rank sends. The algorithms and the exact gradient contract with DDP, FSDP2 and tensor parallelism are in
+docs/distributed.md.
+"""
+
+from ._dist import CommStats, comm_stats
+
+# vocabulary parallel
+# (import of _dist_lce goes here)
+
+# data parallel
+# (import of _dist_info_nce goes here)
+
+# sharded points
+# (import of _dist_knn goes here)
+
+__all__ = [
+    "CommStats",
+    "comm_stats",
+    # vocabulary parallel
+    # (its names)
+    # data parallel
+    # (their names)
+    # sharded points
+    # (their names)
+]
