@@ -4,6 +4,7 @@ Examples::
 
     python -m infofuse bench                                   # every op, default shapes, on cuda if present
     python -m infofuse bench --quick --peers infofuse,eager    # smoke test
+    python -m infofuse bench --distributed --world 3           # infofuse.distributed on 3 gloo ranks
     python -m infofuse bench --op linear_cross_entropy --models gaussian,lm --shape 4096,512,32768 --reps 5
 """
 
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the cpu (default torch's)")
     p.add_argument("--quick", action="store_true", help="tiny shape and 2 reps, for smoke tests")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="benchmark infofuse.distributed on spawned gloo ranks instead (its options: --distributed --help)",
+    )
     return p
 
 
@@ -124,6 +130,11 @@ def parse_options(argv: list[str] | None = None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--distributed" in argv:  # its own options: python -m infofuse bench --distributed --help
+        from .distributed import main as distributed_main
+
+        return distributed_main([a for a in argv if a != "--distributed"])
     opts = parse_options(argv)
     try:
         run(opts)
