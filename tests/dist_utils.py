@@ -12,6 +12,7 @@ Each spawn costs a few seconds (a fresh interpreter imports torch): group many c
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import traceback
@@ -43,7 +44,11 @@ def _entry(rank, world, port, timeout, fn, args, queue):
             timeout=datetime.timedelta(seconds=timeout),
         )
         try:
-            queue.put((rank, True, fn(rank, world, *args)))
+            # pickled to bytes here: tensors put on the queue as they are travel as shared-memory handles,
+            # which vanish when this process exits before the parent has read them
+            buffer = io.BytesIO()
+            torch.save(fn(rank, world, *args), buffer)
+            queue.put((rank, True, buffer.getvalue()))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
@@ -70,7 +75,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 90.0) -> list:
                 errors.append(f"no answer from {world - len(results) - len(errors)} rank(s) in {timeout + 30} s")
                 break
             if ok:
-                results[r] = value
+                results[r] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {r}:\n{value}")
     finally:

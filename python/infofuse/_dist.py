@@ -74,6 +74,21 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return _funcol().wait_tensor(t)
 
 
+def _all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """Functional all-gather along dim 0: ``all_gather_single`` where torch has it (it deprecates
+    ``all_gather_tensor``), else ``all_gather_tensor`` (older torch)."""
+    funcol = _funcol()
+    fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return _wait(fn(t, 0, group))
+
+
+def _reduce_scatter(t: torch.Tensor, group) -> torch.Tensor:
+    """Functional reduce-scatter (sum) along dim 0, by whichever name this torch has."""
+    funcol = _funcol()
+    fn = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+    return _wait(fn(t, "sum", 0, group))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # groups
 
@@ -132,15 +147,11 @@ def agree(
     others a ``ValueError`` naming the rank), so that one rank's bad input never leaves the others waiting in a
     collective.
 
-    Under ``torch.compile`` the handshake is skipped (it needs the values on the host); the local values are then
-    assumed equal on every rank, and the caller must pass equal shapes.
+    It needs the exchanged values on the host, so under ``torch.compile`` it is a graph break (and
+    ``fullgraph=True`` fails): an op that must compile whole has to get what it needs from the other ranks by
+    traceable collectives instead (as the vocabulary-parallel op does), never by assuming the ranks agree.
     """
     local = dict(local or {})
-    if torch.compiler.is_compiling():
-        if error is not None:
-            raise error
-        w = world_size(group)
-        return {name: [int(v)] * w for name, v in local.items()}
     names = list(replicated) + ["|"] + list(local)
     fields = [_encode(v) for v in replicated.values()] + [int(v) for v in local.values()]
     if _HEADER + len(fields) > _HANDSHAKE_LEN:
@@ -151,7 +162,7 @@ def agree(
     vec[2] = int(error is not None)
     vec[_HEADER : _HEADER + len(fields)] = torch.tensor(fields, dtype=torch.int64)
     w = world_size(group)
-    out = _wait(_funcol().all_gather_tensor(vec.to(device), 0, group))
+    out = _all_gather(vec.to(device), group)
     _account("handshake", (w - 1) * vec.numel() * 8)
     table = out.cpu().view(w, _HANDSHAKE_LEN)
     me = rank(group)
@@ -203,7 +214,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def _all_gather_rows(t: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
     w, most = len(sizes), max(sizes)
     padded = _pad_rows(t, most)
-    out = _wait(_funcol().all_gather_tensor(padded, 0, group))
+    out = _all_gather(padded, group)
     _account("all_gather", (w - 1) * padded.numel() * padded.element_size())
     if all(s == most for s in sizes):
         return out
@@ -216,7 +227,7 @@ def _reduce_scatter_rows(t: torch.Tensor, sizes: Sequence[int], group, me: int) 
         padded = t.contiguous()
     else:
         padded = torch.cat([_pad_rows(part, most) for part in t.split(list(sizes))])
-    out = _wait(_funcol().reduce_scatter_tensor(padded, "sum", 0, group))
+    out = _reduce_scatter(padded, group)
     _account("reduce_scatter", (w - 1) * out.numel() * out.element_size())
     return out[: sizes[me]]
 
@@ -298,7 +309,7 @@ class _GatherReplicated(torch.autograd.Function):
     def forward(ctx, t, group):
         ctx.group = group
         w = world_size(group)
-        out = _wait(_funcol().all_gather_tensor(t.contiguous(), 0, group))
+        out = _all_gather(t.contiguous(), group)
         _account("all_gather", (w - 1) * t.numel() * t.element_size())
         return out.view(w, *t.shape)
 
