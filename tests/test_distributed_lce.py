@@ -113,7 +113,8 @@ def _sharded(data: dict, sizes, r: int, case: dict) -> dict:
     rows = slice(start, start + sizes[r])
     w = data["w"][rows].detach().requires_grad_()
     b = data["b"][rows].clone().requires_grad_()
-    out = _call(idist.linear_cross_entropy, data, w, b, data["cw"][rows], case, **case.get("extra", {}))
+    fn = case.get("fn", idist.linear_cross_entropy)
+    out = _call(fn, data, w, b, data["cw"][rows], case, **case.get("extra", {}))
     return dict(out, dw=w.grad, db=b.grad if case.get("bias") else None)
 
 
@@ -150,6 +151,7 @@ def _two_ranks(rank, world):
         _sharded(_data(sum(TWO), 40), TWO, rank, dict(reduction="mean", label_smoothing=0.1))
     res["bytes"] = stats.bytes_sent
     res["errors"] = {which: _error_case(rank, which) for which in ERRORS}
+    res["compiled"] = _compiled_case(rank)
     return pickle.dumps(res)
 
 
@@ -182,6 +184,17 @@ def _bf16_data():
 
 def _bf16_case(rank):
     return _sharded(_bf16_data(), TWO, rank, BF16_CASE)
+
+
+COMPILE_SIZES = (20, 27)
+COMPILE_CASE = dict(reduction="mean", bias=True, label_smoothing=0.1, z_loss=0.01, softcap=4.0)
+
+
+def _compiled_case(rank):
+    """torch.compile(fullgraph=True) of the op on uneven shards (aot_eager: inductor's code generation adds ~15 s
+    here and nothing that this op's tracing depends on)."""
+    fn = torch.compile(idist.linear_cross_entropy, fullgraph=True, backend="aot_eager")
+    return _sharded(_data(sum(COMPILE_SIZES), 110), COMPILE_SIZES, rank, dict(COMPILE_CASE, fn=fn))
 
 
 def _error_case(rank, which):
@@ -306,6 +319,15 @@ def test_bytes_sent(two):
     assert 1.0 < ratio < 1.1, ratio
 
 
+def test_torch_compile_fullgraph(two):
+    want = _single(_data(sum(COMPILE_SIZES), 110), COMPILE_CASE)
+    for r, res in enumerate(two):
+        got = dict(res["compiled"])
+        got["dw"] = torch.cat([two[q]["compiled"]["dw"] for q in range(2)])
+        got["db"] = torch.cat([two[q]["compiled"]["db"] for q in range(2)])
+        _compare(got, want, f"torch.compile rank {r}")
+
+
 def test_errors_raise_on_every_rank(two):
     expect = {
         "smoothing": "disagree on `label_smoothing`",
@@ -343,15 +365,22 @@ def _three_ranks(rank, world):
             for i, case in enumerate(CASES_THREE)
         ]
     }
+    # the path taken under torch.compile (no handshake; shard sizes by a traced all-gather), run eagerly
+    real = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        res["traced path"] = _sharded(_data(sum(THREE), 80), THREE, rank, CASES_THREE[0])
+    finally:
+        torch.compiler.is_compiling = real
     # a subgroup of ranks 0 and 2 holding the head 20/12 (rank 1 only takes part in creating it)
     sub = dist.new_group([0, 2])
     if rank != 1:
         case = dict(CASES_THREE[0], extra=dict(group=sub))
         res["sub"] = _sharded(_data(sum(SUBGROUP), 90), SUBGROUP, rank // 2, case)
-    # one-rank groups: the single-process op exactly
+    # one-rank groups: the single-process op exactly (each rank a third of the cases)
     own, _ = dist.new_subgroups(group_size=1)
     res["one"] = []
-    for i, case in enumerate(CASES_TWO + CASES_THREE):
+    for i, case in list(enumerate(CASES_TWO + CASES_THREE))[rank::3]:
         data = _data(sum(TWO), 100 + i, case.get("ignore_index", -100))
         res["one"].append((_sharded(data, (sum(TWO),), 0, dict(case, extra=dict(group=own))), _single(data, case)))
     return pickle.dumps(res)
@@ -373,6 +402,17 @@ def test_three_ranks_with_an_empty_shard(three, i):
         if case.get("bias"):
             got["db"] = torch.cat([three[q]["cases"][i]["db"] for q in range(3)])
         _compare(got, want, f"case {i} {case} rank {r}")
+
+
+def test_path_under_torch_compile(three):
+    """What runs under torch.compile (no handshake; shard sizes as tensors), with an empty shard, run eagerly."""
+    case = CASES_THREE[0]
+    want = _single(_data(sum(THREE), 80), case)
+    for r, res in enumerate(three):
+        got = dict(res["traced path"])
+        got["dw"] = torch.cat([three[q]["traced path"]["dw"] for q in range(3)])
+        got["db"] = torch.cat([three[q]["traced path"]["db"] for q in range(3)])
+        _compare(got, want, f"traced path, rank {r}")
 
 
 def test_subgroup(three):

@@ -339,13 +339,19 @@ def linear_cross_entropy(
             }
         except (ValueError, TypeError) as e:
             error = e
-        sizes = _agree(group, input, linear_weight, target, linear_bias, weight, token_weight, options, error)
-        v_total = sum(sizes)
-        if v_total == 0:
-            raise ValueError("infofuse.distributed.linear_cross_entropy: the head has no rows on any rank (V = 0)")
+        if torch.compiler.is_compiling():
+            # no handshake under torch.compile (it needs host values): the shard sizes come from a traceable
+            # all-gather inside _forward, the checks across ranks are the caller's
+            if error is not None:
+                raise error
+            sizes = None
+        else:
+            sizes = _agree(group, input, linear_weight, target, linear_bias, weight, token_weight, options, error)
+            if sum(sizes) == 0:
+                raise ValueError("infofuse.distributed.linear_cross_entropy: the head has no rows on any rank (V = 0)")
+            _check_targets(target, options["ignore_index"], sum(sizes))
         ignore_index = options["ignore_index"]
-        _check_targets(target, ignore_index, v_total)
-        if len(sizes) == 1:
+        if _dist.world_size(group) == 1:
             # one rank holds the whole head: the single-process op itself, bit for bit
             return _local_lce(
                 input,
@@ -401,8 +407,8 @@ def _forward(
     impl,
     chunk_size,
 ):
-    me = _dist.rank(group)
-    v_total, v_r, start = sum(sizes), sizes[me], _dist.offsets(sizes)[me]
+    me, world = _dist.rank(group), _dist.world_size(group)
+    v_r = linear_weight.shape[0]
     batch_shape = input.shape[:-1]
     d = input.shape[-1]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -442,6 +448,14 @@ def _forward(
         if eps > 0:
             rows.append(zero)
 
+    # every rank's V_r as a tensor (the handshake's values; under torch.compile a traceable all-gather), so that
+    # the shard offsets stay tensors and the traced graph holds for any split of the head
+    if sizes is None:
+        sizes_t = _dist.gather_replicated(torch.full((1,), v_r, dtype=torch.int64, device=t.device), group).view(-1)
+    else:
+        sizes_t = torch.tensor(sizes, dtype=torch.int64, device=t.device)
+    start = sizes_t[:me].sum()
+
     # the target logit ẑ_t and class weight w_t of the rows whose target lies in this shard (0 elsewhere)
     local_t = t - start
     mine = (local_t >= 0) & (local_t < v_r)
@@ -466,7 +480,7 @@ def _forward(
     k = len(rows)
     packed = torch.cat([torch.stack(rows).reshape(-1), sum_w.to(device=z_t.device, dtype=acc)])
     gathered = _dist.gather_replicated(packed, group)  # (W, k·N + 1)
-    stats = gathered[:, : k * n].reshape(len(sizes), k, n)
+    stats = gathered[:, : k * n].reshape(world, k, n)
     sum_ws = gathered[:, k * n]
     lse_rs = stats[:, 0]
     lse = torch.logsumexp(lse_rs, dim=0)
@@ -478,8 +492,10 @@ def _forward(
     ce = nll if w_target is None else w_target * nll
     if eps > 0:
         # Σ_v w_v (lse − ẑ_v) = Σ_r [A_r + (Σ_{v∈r} w_v)(lse − lse_r)], shards with rows only
-        smooth = sum(stats[r, 1] + sum_ws[r] * (lse - lse_rs[r]) for r in range(len(sizes)) if sizes[r] > 0)
-        ce = (1.0 - eps) * ce + (eps / v_total) * smooth
+        # (an empty shard's lse_r = −inf: masked, its forward value is NaN and its gradient 0)
+        terms = stats[:, 1] + sum_ws[:, None] * (lse - lse_rs)
+        smooth = torch.where((sizes_t > 0)[:, None], terms, 0.0).sum(0)
+        ce = (1.0 - eps) * ce + (eps / sizes_t.sum().to(acc)) * smooth
     ce = torch.where(valid, ce, 0.0)
     z_term = torch.where(valid, z_loss * lse.square(), 0.0) if z_loss != 0.0 else None
     if token_weight is not None:
