@@ -250,6 +250,62 @@ def _check_targets(target: torch.Tensor, ignore_index: int, v: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# target logits (with label smoothing, where the shard's kernel pass cannot also give them)
+
+_TARGET_ROWS = 1024  # rows per chunk: the temporaries of the target logits are _TARGET_ROWS × D
+
+
+class _TargetLogits(torch.autograd.Function):
+    """ẑ_t,i = cap(x_i·W[idx_i] + b[idx_i]) for the ``owned`` rows, 0 for the others, accumulated in float32
+    (float64 for float64 inputs), by chunks of rows: no N×D temporary, nothing N×D saved beyond ``x`` itself.
+
+    Backward, with g'_i = g_i·owned_i·(1 − (ẑ_i/c)²) (the last factor with softcap c only):
+    dx_i = g'_i·W[idx_i], dW[j] = Σ_{i: idx_i = j} g'_i·x_i, db[j] = Σ_{i: idx_i = j} g'_i."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, idx, owned, softcap):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n = x.shape[0]
+        z = torch.empty(n, dtype=acc, device=x.device)
+        for s in range(0, n, _TARGET_ROWS):
+            e = min(n, s + _TARGET_ROWS)
+            z[s:e] = torch.linalg.vecdot(x[s:e].to(acc), w.index_select(0, idx[s:e]).to(acc))
+        if b is not None:
+            z = z + b.to(acc).index_select(0, idx)
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = torch.where(owned, z, 0.0)
+        ctx.save_for_backward(x, w, idx, owned, z)
+        ctx.softcap, ctx.bias = softcap, None if b is None else (b.shape, b.dtype)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, idx, owned, z = ctx.saved_tensors
+        acc = z.dtype
+        g = torch.where(owned, g.to(acc), 0.0)
+        if ctx.softcap is not None:
+            g = g * (1.0 - (z / ctx.softcap).square())
+        n = x.shape[0]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            for s in range(0, n, _TARGET_ROWS):
+                e = min(n, s + _TARGET_ROWS)
+                dx[s:e] = (g[s:e, None] * w.index_select(0, idx[s:e]).to(acc)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            acc_w = torch.zeros(w.shape, dtype=acc, device=w.device)  # float32 sums of the rows, as the kernels
+            for s in range(0, n, _TARGET_ROWS):
+                e = min(n, s + _TARGET_ROWS)
+                acc_w.index_add_(0, idx[s:e], g[s:e, None] * x[s:e].to(acc))
+            dw = acc_w.to(w.dtype)
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            shape, dtype = ctx.bias
+            db = torch.zeros(shape, dtype=acc, device=g.device).index_add_(0, idx, g).to(dtype)
+        return dx, dw, db, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the op
 
 
@@ -417,83 +473,82 @@ def _forward(
     # the input's gradient is summed over the ranks (each rank's part comes from its shard)
     x = _dist.sum_gradients(input, group).reshape(n, d)
 
-    # this shard's statistics: lse_r, and A_r = Σ_{v∈r} w_v (lse_r − ẑ_v) when smoothing
-    rows = []
-    if v_r > 0:
-        dummy = torch.zeros(n, dtype=torch.int64, device=t.device)  # class 0 of the shard; never ignored
-        part, lse_r = _local_lce(
-            x,
-            linear_weight,
-            dummy,
-            linear_bias=linear_bias,
-            weight=weight if eps > 0 else None,
-            reduction="none",
-            label_smoothing=1.0 if eps > 0 else 0.0,
-            softcap=softcap,
-            return_lse=True,
-            impl=impl,
-            chunk_size=chunk_size,
-        )
-        rows.append(lse_r.to(acc))
-        if eps > 0:
-            rows.append(part.to(acc) * v_r)
-    else:
-        # no rows here: lse_r = −inf, A_r = 0; the input still enters the graph so that this rank joins the
-        # backward all-reduce of the input gradient like every other rank
-        # (the empty shard's weight and bias join too, so that they get a (0, D) / (0,) gradient, not None)
-        zero = x[:, :0].sum(-1).to(acc) + linear_weight.sum().to(acc)
-        if linear_bias is not None:
-            zero = zero + linear_bias.sum().to(acc)
-        rows.append(zero - torch.inf)
-        if eps > 0:
-            rows.append(zero)
-
     # every rank's V_r as a tensor (the handshake's values; under torch.compile a traceable all-gather), so that
     # the shard offsets stay tensors and the traced graph holds for any split of the head
     if sizes is None:
         sizes_t = _dist.gather_replicated(torch.full((1,), v_r, dtype=torch.int64, device=t.device), group).view(-1)
     else:
         sizes_t = torch.tensor(sizes, dtype=torch.int64, device=t.device)
-    start = sizes_t[:me].sum()
+    local_t = t - sizes_t[:me].sum()
+    valid = t != ignore_index
+    owned = valid & (local_t >= 0) & (local_t < v_r)  # rows whose target class lies in this shard
+    idx = torch.where(owned, local_t, 0)
 
-    # the target logit ẑ_t and class weight w_t of the rows whose target lies in this shard (0 elsewhere)
-    local_t = t - start
-    mine = (local_t >= 0) & (local_t < v_r)
-    idx = torch.where(mine, local_t, 0)
-    if v_r > 0:
-        w_rows = linear_weight.index_select(0, idx)
-        z_t = (x.to(acc) * w_rows.to(acc)).sum(-1)
-        if linear_bias is not None:
-            z_t = z_t + linear_bias.to(acc).index_select(0, idx)
-        if softcap is not None:
-            z_t = softcap * torch.tanh(z_t / softcap)
-        z_t = torch.where(mine, z_t, 0.0)
+    # this shard's statistics: lse_r; the target logit ẑ_t of the owned rows (0 elsewhere); with smoothing
+    # A_r = Σ_{v∈r} w_v (lse_r − ẑ_v); with class weights w_t of the owned rows (0 elsewhere)
+    rows = []
+    if v_r > 0 and eps == 0.0:
+        # one kernel pass: the shard's cross-entropy of the owned rows (the others ignored) is lse_r − ẑ_t
+        part, lse_r = _local_lce(
+            x,
+            linear_weight,
+            torch.where(owned, local_t, -100),
+            linear_bias=linear_bias,
+            reduction="none",
+            softcap=softcap,
+            return_lse=True,
+            impl=impl,
+            chunk_size=chunk_size,
+        )
+        lse_r = lse_r.to(acc)
+        rows += [lse_r, torch.where(owned, lse_r - part.to(acc), 0.0)]
+    elif v_r > 0:
+        # the op with label_smoothing=1 returns A_r / V_r for any target (class 0 of the shard here); ẑ_t by rows
+        part, lse_r = _local_lce(
+            x,
+            linear_weight,
+            torch.zeros(n, dtype=torch.int64, device=t.device),
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction="none",
+            label_smoothing=1.0,
+            softcap=softcap,
+            return_lse=True,
+            impl=impl,
+            chunk_size=chunk_size,
+        )
+        z_t = _TargetLogits.apply(x, linear_weight, linear_bias, idx, owned, softcap)
+        rows += [lse_r.to(acc), z_t, part.to(acc) * v_r]
     else:
-        z_t = x[:, :0].sum(-1).to(acc)
-    rows.append(z_t)
+        # no rows here: lse_r = −inf, ẑ_t = A_r = 0; the input still enters the graph so that this rank joins the
+        # backward all-reduce of the input gradient like every other rank (and the empty weight and bias too, so
+        # that their gradients are (0, D) / (0,) tensors, not None)
+        zero = x[:, :0].sum(-1).to(acc) + linear_weight.sum().to(acc)
+        if linear_bias is not None:
+            zero = zero + linear_bias.sum().to(acc)
+        rows += [zero - torch.inf, zero] + ([zero] if eps > 0 else [])
     if weight is not None:
-        w_t = torch.where(mine, weight.to(acc)[idx], 0.0) if v_r > 0 else z_t.new_zeros(n)
+        w_t = torch.where(owned, weight.to(acc)[idx], 0.0) if v_r > 0 else torch.zeros_like(rows[0])
         rows.append(w_t.detach())
     sum_w = (weight.to(acc).sum() if weight is not None else torch.tensor(float(v_r), dtype=acc)).reshape(1)
 
-    # one all-gather of the (k, N) statistics and Σ_{v∈r} w_v
+    # one all-gather of the (k, N) statistics [lse_r, ẑ_t, (A_r), (w_t)] and Σ_{v∈r} w_v
     k = len(rows)
-    packed = torch.cat([torch.stack(rows).reshape(-1), sum_w.to(device=z_t.device, dtype=acc)])
+    packed = torch.cat([torch.stack(rows).reshape(-1), sum_w.to(device=x.device, dtype=acc)])
     gathered = _dist.gather_replicated(packed, group)  # (W, k·N + 1)
     stats = gathered[:, : k * n].reshape(world, k, n)
     sum_ws = gathered[:, k * n]
     lse_rs = stats[:, 0]
     lse = torch.logsumexp(lse_rs, dim=0)
-    z_target = stats[:, k - 1 - (weight is not None)].sum(0)
+    z_target = stats[:, 1].sum(0)
 
-    valid = t != ignore_index
     nll = lse - z_target
     w_target = stats[:, k - 1].sum(0) if weight is not None else None
     ce = nll if w_target is None else w_target * nll
     if eps > 0:
         # Σ_v w_v (lse − ẑ_v) = Σ_r [A_r + (Σ_{v∈r} w_v)(lse − lse_r)], shards with rows only
         # (an empty shard's lse_r = −inf: masked, its forward value is NaN and its gradient 0)
-        terms = stats[:, 1] + sum_ws[:, None] * (lse - lse_rs)
+        terms = stats[:, 2] + sum_ws[:, None] * (lse - lse_rs)
         smooth = torch.where((sizes_t > 0)[:, None], terms, 0.0).sum(0)
         ce = (1.0 - eps) * ce + (eps / sizes_t.sum().to(acc)) * smooth
     ce = torch.where(valid, ce, 0.0)
