@@ -162,7 +162,7 @@ DT_CASE = dict(reduction="mean", bias=True, cw=True, label_smoothing=0.1, z_loss
 def _dtensor_case(rank):
     """The head, its bias and class weights as Shard(0) DTensors on a 1-D mesh (torch.chunk's 51/50 split)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (2,))
     data = _data(101, 50)
@@ -170,6 +170,10 @@ def _dtensor_case(rank):
     b = torch.nn.Parameter(distribute_tensor(data["b"], mesh, [Shard(0)]))
     cw = distribute_tensor(data["cw"], mesh, [Shard(0)])
     out = _call(idist.linear_cross_entropy, data, w, b, cw, DT_CASE)
+    # the activations as a replicated DTensor too (their gradient: a replicated DTensor, whole on every rank)
+    x = distribute_tensor(data["x"], mesh, [Replicate()]).requires_grad_()
+    loss = idist.linear_cross_entropy(x, w, data["t"], linear_bias=b, weight=cw, label_smoothing=0.1)
+    out["dx replicated"] = torch.autograd.grad(loss, x)[0].to_local()
     return dict(out, dw=w.grad.full_tensor(), db=b.grad.full_tensor(), local_rows=w.to_local().shape[0])
 
 
@@ -264,10 +268,17 @@ def test_two_ranks_every_option(two, i):
 
 
 def test_dtensor_head(two):
-    want = _single(_data(101, 50), DT_CASE)
+    data = _data(101, 50)
+    want = _single(data, DT_CASE)
+    x = data["x"].clone().requires_grad_()
+    infofuse.linear_cross_entropy(
+        x, data["w"], data["t"], linear_bias=data["b"], weight=data["cw"], label_smoothing=0.1
+    ).backward()
     assert [res["dtensor"]["local_rows"] for res in two] == [51, 50]
     for r, res in enumerate(two):
-        _compare({k: v for k, v in res["dtensor"].items() if k != "local_rows"}, want, f"DTensor rank {r}")
+        got = {k: v for k, v in res["dtensor"].items() if k not in ("local_rows", "dx replicated")}
+        _compare(got, want, f"DTensor rank {r}")
+        assert_close(res["dtensor"]["dx replicated"], x.grad, rtol=1e-10, atol=1e-12, name="replicated input's grad")
 
 
 def test_bf16_graded(two):

@@ -5,12 +5,13 @@ W_r (V_r × D) of the head (rank order, uneven shards allowed, a rank may hold n
 ``infofuse.linear_cross_entropy`` of the concatenated head, for every option, computed from per-row statistics:
 
 * each rank runs the single-process kernels on its shard (they chunk: no logit row beyond the shard is ever
-  held) for the shard's log-sum-exp lse_r and, with label smoothing, A_r = Σ_{v∈r} w_v (lse_r − ẑ_v) (the op with
-  ``label_smoothing=1``, ``reduction="none"`` returns A_r / V_r whatever the target);
-* the rank that owns row i's target class computes the target logit ẑ_t = cap(x·W[t] + b[t]) and w_t directly
-  (O(N·D)); the other ranks contribute 0;
-* one all-gather of these (k, N) statistics (k ≤ 4), after which every rank forms, in plain torch on (N,) vectors,
-  lse = logsumexp_r lse_r, Σ_v w_v (lse − ẑ_v) = Σ_r [A_r + (Σ_{v∈r} w_v)(lse − lse_r)], and the loss of MATH.md.
+  held). Without label smoothing one pass gives the shard's log-sum-exp lse_r and, for the rows whose target the
+  shard owns (the others ignored), lse_r − ẑ_t, hence the target logit ẑ_t. With smoothing ε the pass runs with
+  ``label_smoothing=1`` (its per-row loss is then A_r / V_r, A_r = Σ_{v∈r} w_v (lse_r − ẑ_v), whatever the
+  target) and the owned rows' ẑ_t = cap(x·W[t] + b[t]) are computed directly by row chunks (O(N·D));
+* one all-gather of these (k, N) statistics (k = 2, + 1 with smoothing, + 1 with class weights: w_t of the owned
+  rows), after which every rank forms, in plain torch on (N,) vectors, lse = logsumexp_r lse_r,
+  Σ_v w_v (lse − ẑ_v) = Σ_r [A_r + (Σ_{v∈r} w_v)(lse − lse_r)] and the loss of MATH.md.
 
 Gradients: the statistics come back through ``gather_replicated`` (every rank computes the same function of the
 same stack, so each rank's gradient for its own slice is complete), the shard's kernels turn them into
@@ -37,8 +38,8 @@ def min_bytes(n: int, d: int, world: int, dtype: torch.dtype = torch.float32) ->
     """The analytic minimum of the bytes one rank sends for one forward + backward (ring accounting, as
     ``comm_stats`` counts): the all-reduce of the N×D input gradient, 2(W − 1)/W · N·D·b (b bytes per element of
     ``dtype``), which a column-parallel head cannot avoid, plus one all-reduce of N float32 values, 2(W − 1)/W · 4N,
-    the least that merges the ranks' per-row log-sum-exps. (The target logit is folded into that merge in the
-    bound, which is why it is a lower bound.)"""
+    the least that merges the ranks' per-row log-sum-exps. A lower bound: the target logits (and smoothing terms)
+    that the loss also needs from other ranks are not counted."""
     if world <= 1:
         return 0.0
     b = torch.empty((), dtype=dtype).element_size()
