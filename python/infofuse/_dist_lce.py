@@ -366,6 +366,11 @@ def linear_cross_entropy(
             group, input, linear_weight, target, linear_bias, weight, token_weight
         )
         group = _dist.resolve_group(group, _OP)
+        if _dist.rank(group) < 0:
+            raise ValueError(
+                "infofuse.distributed.linear_cross_entropy: this process is not a member of `group`; only the ranks "
+                "that hold a shard of the head call it"
+            )
         error = None
         options = {}
         try:
@@ -395,7 +400,10 @@ def linear_cross_entropy(
                 "chunk_size": chunk_size,
             }
         except (ValueError, TypeError) as e:
-            error = e
+            # the single-process checks name the shard's size V: say that it is this rank's
+            rows = linear_weight.shape[0] if isinstance(linear_weight, torch.Tensor) else "?"
+            where = f"infofuse.distributed.linear_cross_entropy, rank {_dist.rank(group)} (V = V_r = {rows}, its shard)"
+            error = type(e)(f"{where}: {e}")
         if torch.compiler.is_compiling():
             # no handshake under torch.compile (it needs host values): the shard sizes come from a traceable
             # all-gather inside _forward, the checks across ranks are the caller's
