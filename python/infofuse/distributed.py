@@ -17,7 +17,7 @@ docs/distributed.md.
 from ._dist import CommStats, comm_stats
 
 # vocabulary parallel
-# (import of _dist_lce goes here)
+from ._dist_lce import linear_cross_entropy
 
 # data parallel
 # (import of _dist_info_nce goes here)
@@ -29,7 +29,7 @@ __all__ = [
     "CommStats",
     "comm_stats",
     # vocabulary parallel
-    # (its names)
+    "linear_cross_entropy",
     # data parallel
     # (their names)
     # sharded points
