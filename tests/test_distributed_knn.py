@@ -20,7 +20,7 @@ import infofuse
 from infofuse import _dist, distributed
 from infofuse.reference import knn_reference
 from tests.dist_utils import _free_port, gloo_available, run_ranks
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_graded
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -71,12 +71,16 @@ def _knn_inputs(rank, sizes, metric, two, union=False):
     return x, (_union(8, ysizes) if union else _shard(8, rank, ysizes))
 
 
-def _points(seed: int, which: str = "x", d: int = D, batch: int | None = None):
-    """A sample as a function of (rank, sizes): this rank's shard, or the union for rank None."""
+def _points(seed: int, which: str = "x", d: int = D, batch: int | None = None, dtype=F64, scale=1.0, shift=0.0):
+    """A sample as a function of (rank, sizes): this rank's shard, or the union for rank None; ``which``: "x"
+    (sharded as ``sizes``) or "y" (as YSIZES)."""
 
     def make(rank, sizes):
         s = YSIZES[: len(sizes)] if which == "y" else sizes
-        return _union(seed, s, d, batch) if rank is None else _shard(seed, rank, s, d, batch)
+        t = _union(seed, s, d, batch) if rank is None else _shard(seed, rank, s, d, batch)
+        return (t * scale + shift).to(dtype)
+
+    make.which, make.dtype = which, dtype
 
     return make
 
@@ -90,10 +94,6 @@ def _with_duplicate(rank, sizes):
     elif rank == last:
         x[0] = _points(1)(0, sizes)[3]
     return x
-
-
-def _q(rank, sizes):
-    return _points(3, "y")(rank, sizes) * 1.5 + 0.3
 
 
 def _ksg_x(rank, sizes):
@@ -113,8 +113,25 @@ ESTIMATES = [
     ("entropy duplicate", "knn_entropy", dict(k=1), [_with_duplicate], True, True),
     ("koleo", "koleo_loss", dict(), [_points(1)], True, False),
     ("koleo eps", "koleo_loss", dict(eps=0.5), [_points(1)], True, False),
-    ("kl k=1", "knn_kl_divergence", dict(k=1), [_points(1), _q], True, False),
-    ("kl k=4 bits", "knn_kl_divergence", dict(k=4, base=2.0), [_points(1), _q], True, False),
+    ("kl k=1", "knn_kl_divergence", dict(k=1), [_points(1), _points(3, "y", scale=1.5, shift=0.3)], True, False),
+    (
+        "kl k=4 bits",
+        "knn_kl_divergence",
+        dict(k=4, base=2.0),
+        [_points(1), _points(3, "y", scale=1.5, shift=0.3)],
+        True,
+        False,
+    ),
+    ("entropy float32", "knn_entropy", dict(k=3), [_points(1, dtype=torch.float32)], True, False),
+    ("koleo bfloat16", "koleo_loss", dict(), [_points(1, dtype=torch.bfloat16)], True, False),
+    (
+        "kl float32",
+        "knn_kl_divergence",
+        dict(k=2),
+        [_points(1, dtype=torch.float32), _points(3, "y", dtype=torch.float32, scale=1.5, shift=0.3)],
+        True,
+        False,
+    ),
     ("ksg 1", "ksg_mutual_information", dict(k=3), [_ksg_x, _ksg_y], False, False),
     ("ksg 2 bits", "ksg_mutual_information", dict(k=1, variant=2, base=2.0), [_ksg_x, _ksg_y], False, False),
     ("ksg 2 k=10", "ksg_mutual_information", dict(k=10, variant=2), [_ksg_x, _ksg_y], False, False),
@@ -129,23 +146,28 @@ ESTIMATES = [
 ]
 
 
-def _evaluate(lib, rank, sizes, world):
+def _evaluate(lib, rank, sizes, world, upcast=False):
     """Every case of ESTIMATES with ``lib`` (infofuse.distributed on this rank's shards, or infofuse on the union
-    for rank None): (value, gradients of the inputs (the distributed ones divided by W), number of warnings)."""
+    for rank None): (value, gradients of the inputs, Hessian-vector products along cos(3x), number of warnings);
+    the distributed derivatives divided by W (rank r's backward carries W × its part). ``upcast``: the inputs in
+    float64 (the truth of the cases in other dtypes)."""
     out = {}
     for name, fn, options, inputs, differentiable, _ in ESTIMATES:
-        ts = [make(rank, sizes).requires_grad_(differentiable) for make in inputs]
+        ts = [make(rank, sizes) for make in inputs]
+        ts = [(t.double() if upcast else t).requires_grad_(differentiable) for t in ts]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             value = getattr(lib, fn)(*ts, **options)
-        grads = []
+        grads, hvps = [], []
         if differentiable:
-            value.sum().backward()
-            grads = [t.grad / world for t in ts]
+            grads = torch.autograd.grad(value.sum(), ts, create_graph=True)
+            direction = sum((g * torch.cos(3 * t.detach())).sum() for g, t in zip(grads, ts, strict=True))
+            hvps = [h / world for h in torch.autograd.grad(direction, ts)]
+            grads = [g.detach() / world for g in grads]
         else:
             assert not value.requires_grad
         runtime = sum(issubclass(w.category, RuntimeWarning) for w in caught)
-        out[name] = (value.detach(), grads, runtime)
+        out[name] = (value.detach(), grads, hvps, runtime)
     return out
 
 
@@ -285,21 +307,29 @@ def _check_searches(results, sizes, exact=False):
 
 
 def _check_estimates(results, sizes, exact=False):
+    """float64 cases against the single-process op on the union (bit for bit where ``exact``); the others graded:
+    their error against the float64 truth within twice the single-process op's at the same dtype."""
     world = len(sizes)
     expected = _evaluate(infofuse, None, sizes, 1)
+    truth = _evaluate(infofuse, None, sizes, 1, upcast=True)
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-11, atol=1e-12)
     for name, _, _, inputs, _, duplicates in ESTIMATES:
-        value, grads, warned = expected[name]
-        assert warned == int(duplicates), name
+        assert expected[name][3] == int(duplicates), name
+        graded = any(getattr(make, "dtype", F64) != F64 for make in inputs)
         for r in range(world):
-            got_value, got_grads, got_warned = results[r]["estimates"][name]
-            assert got_warned == warned, f"{name} rank {r}: {got_warned} warnings, single-process {warned}"
-            assert_close(got_value, value, **tol, name=f"{name} value rank {r}")
-            assert torch.equal(got_value, results[0]["estimates"][name][0]), f"{name}: ranks disagree on the value"
-            assert len(got_grads) == len(grads), name
-            for i, (got, full) in enumerate(zip(got_grads, grads, strict=True)):
-                own = _mine(full, YSIZES[:world] if inputs[i] is _q else sizes, r)
-                assert_close(got, own, **tol, name=f"{name} gradient {i} rank {r}")
+            got = results[r]["estimates"][name]
+            assert got[3] == expected[name][3], f"{name} rank {r}: {got[3]} warnings"
+            assert torch.equal(got[0], results[0]["estimates"][name][0]), f"{name}: ranks disagree on the value"
+            parts = [("value", got[0], expected[name][0], truth[name][0])]
+            for what, i in ((w, i) for w in (1, 2) for i in range(len(expected[name][w]))):
+                s = YSIZES[:world] if getattr(inputs[i], "which", "x") == "y" else sizes
+                same, true = (_mine(t[what][i], s, r) for t in (expected[name], truth[name]))
+                parts.append((f"{('gradient', 'hvp')[what - 1]} {i}", got[what][i], same, true))
+            for what, ours, same, true in parts:
+                if graded:
+                    assert_graded(ours, same, true, name=f"{name} {what} rank {r}", floor=1e-6)
+                else:
+                    assert_close(ours, same, **tol, name=f"{name} {what} rank {r}")
 
 
 def test_three_uneven_ranks_equal_single_process_and_ddp_contract():
