@@ -25,6 +25,7 @@ from tests.utils import assert_close, assert_graded
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 
 SIZES = (13, 19, 7)
+EMPTY = (20, 0, 9)  # a rank without points
 YSIZES = (11, 4, 17)
 D = 5
 F64 = torch.float64
@@ -48,7 +49,7 @@ def _mine(t: torch.Tensor, sizes, rank: int) -> torch.Tensor:
 
 def _cosine_shard(rank: int, sizes) -> torch.Tensor:
     x = _shard(7, rank, sizes)
-    if rank == 1:  # zero vectors on one rank: cosine distance 1 to everything
+    if sizes[rank] == max(sizes):  # zero vectors on one rank: cosine distance 1 to everything
         x[2] = 0
         x[5] = 0
     return x
@@ -264,6 +265,7 @@ def _three_ranks(rank, world):
             searches=_searches(rank, world, SIZES),
             estimates=_estimates(rank, world, SIZES),
             ddp=_ddp(rank, world, SIZES),
+            empty=dict(searches=_searches(rank, world, EMPTY), estimates=_estimates(rank, world, EMPTY)),
         )
     )
 
@@ -336,6 +338,8 @@ def test_three_uneven_ranks_equal_single_process_and_ddp_contract():
     results = _unpacked(run_ranks(_three_ranks, 3))
     _check_searches(results, SIZES)
     _check_estimates(results, SIZES)
+    _check_searches([r["empty"] for r in results], EMPTY)
+    _check_estimates([r["empty"] for r in results], EMPTY)
     expected = _ddp_expected(SIZES)
     for name, (loss, grads) in expected.items():
         for r in range(3):

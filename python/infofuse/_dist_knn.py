@@ -170,6 +170,12 @@ def _ring_search(q, cand, sizes, k, metric, impl, group, self_search, keep=None)
                 req.wait()
             if incoming is not None:
                 shard = incoming
+    if n == 0:  # no queries here: empty lists of the full width
+        best = (
+            best[0].new_empty((b, 0, k)),
+            best[1].new_empty((b, 0, k)),
+            None if keep is None else best[2].new_empty((b, 0, k, width)),
+        )
     return best
 
 
@@ -268,9 +274,9 @@ def _floor_zero_distances(eps: torch.Tensor, neighbour: str, group, where: str =
     over every rank (one all-gather of each rank's smallest positive distance and count of zeros); a problem with
     none raises the same ValueError on every rank."""
     zero = eps <= 0
-    stats = torch.stack(
-        [eps.detach().masked_fill(zero, float("inf")).amin(-1).double(), zero.sum(-1).double()], -1
-    )  # (B, 2)
+    positive = eps.detach().double().masked_fill(zero, float("inf"))
+    positive = torch.cat([positive, positive.new_full((eps.shape[0], 1), float("inf"))], -1)  # a rank may hold none
+    stats = torch.stack([positive.amin(-1), zero.sum(-1).double()], -1)  # (B, 2)
     w = _dist.world_size(group)
     table = _dist._wait(_dist._funcol().all_gather_tensor(stats.contiguous(), 0, group)).view(w, *stats.shape)
     _dist._account("all_gather", (w - 1) * stats.numel() * stats.element_size())
