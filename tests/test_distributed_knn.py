@@ -220,6 +220,20 @@ def _ddp_expected(sizes):
     return out
 
 
+def _compiled(rank, world):
+    """A compiled encoder whose loss is koleo_loss: its graph breaks at the call, value and gradients as eager."""
+    model = _encoder()
+    x = _shard(6, rank, SIZES)
+    out = []
+    for fn in (
+        lambda t: distributed.koleo_loss(model(t)),
+        torch.compile(lambda t: distributed.koleo_loss(model(t)), backend="aot_eager"),
+    ):
+        loss = fn(x)
+        out.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    return out
+
+
 # ---------------------------------------------------------------- disagreements
 
 
@@ -277,6 +291,7 @@ def _two_ranks(rank, world):
             searches=_searches(rank, world, sizes),
             estimates=_estimates(rank, world, sizes),
             disagreements=_disagreements(rank, world),
+            compiled=_compiled(rank, world),
         )
     )
 
@@ -362,6 +377,10 @@ def test_two_ranks_and_disagreements_raise_on_every_rank():
         bad = got["bad input"][0]
         assert ("TypeError" in bad and "x must be float32" in bad) if r == 0 else "rank(s) [0]" in bad
         assert "k = 32 exceeds the 31 candidate" in got["k too large"][0]
+        (eager, eager_grads), (compiled, compiled_grads) = results[r]["compiled"]
+        assert_close(compiled, eager, rtol=1e-12, atol=0, name="compiled koleo_loss")
+        for a, e in zip(compiled_grads, eager_grads, strict=True):
+            assert_close(a, e, rtol=1e-12, atol=1e-15, name="compiled koleo_loss gradient")
 
 
 def test_world_size_one_equals_single_process_exactly():

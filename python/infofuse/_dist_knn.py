@@ -309,7 +309,15 @@ def _sum_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
 
 # ---------------------------------------------------------------- public functions
 
+# torch.compile: the ring's point-to-point sends (dist.P2POp) do not trace, and the shard sizes drive Python
+# control flow; a compiled model that calls these functions breaks its graph there and runs them eagerly
+# (fullgraph=True raises), with the same value and gradients.
+_eager = torch.compiler.disable(
+    recursive=True, reason="infofuse.distributed k-NN: a ring of point-to-point sends over shards of host-known sizes"
+)
 
+
+@_eager
 def knn(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
@@ -435,6 +443,7 @@ def _estimator_setup(op, group, x, k, metric, base, impl, name="x"):
     return impl, sizes
 
 
+@_eager
 def knn_entropy(
     x: torch.Tensor, k: int = 3, *, metric: str = "euclidean", base=None, impl: str | None = None, group=None
 ) -> torch.Tensor:
@@ -467,6 +476,7 @@ def knn_entropy(
         return h[0] if squeeze else h
 
 
+@_eager
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, impl: str | None = None, group=None) -> torch.Tensor:
     """``infofuse.koleo_loss`` (DINOv2's KoLeo) of the union of every rank's x, the same value on every rank:
     L = −(1/N) Σ_i log(‖x̂_i − x̂_n(i)‖ + eps) over all N points, n(i) the nearest other row of the union by cosine.
@@ -499,6 +509,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8, *, impl: str | None = None, g
         return loss[0] if squeeze else loss
 
 
+@_eager
 def knn_kl_divergence(
     p: torch.Tensor, q: torch.Tensor, k: int = 1, *, base=None, impl: str | None = None, group=None
 ) -> torch.Tensor:
@@ -543,6 +554,7 @@ def knn_kl_divergence(
         return div[0] if squeeze else div
 
 
+@_eager
 def ksg_mutual_information(
     x: torch.Tensor,
     y: torch.Tensor,
