@@ -23,7 +23,7 @@ from ._dist import CommStats, comm_stats
 # (import of _dist_info_nce goes here)
 
 # sharded points
-from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
+from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information  # isort: skip
 
 __all__ = [
     "CommStats",
