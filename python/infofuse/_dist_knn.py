@@ -46,7 +46,7 @@ def _check_base(base) -> None:
 
 
 def _handshake(op, group, x, error, replicated, local):
-    """``_dist.agree`` on the options plus, when x is a valid tensor, its trailing shape and dtype."""
+    """``_dist.agree`` on x's device (the CPU when x is not a tensor, whose error the handshake then spreads)."""
     device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     return _dist.agree(op, group, device, replicated, local, error=error)
 
