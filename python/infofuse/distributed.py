@@ -23,7 +23,7 @@ from ._dist_lce import linear_cross_entropy
 # (import of _dist_info_nce goes here)
 
 # sharded points
-# (import of _dist_knn goes here)
+from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information  # isort: skip
 
 __all__ = [
     "CommStats",
@@ -33,5 +33,9 @@ __all__ = [
     # data parallel
     # (their names)
     # sharded points
-    # (their names)
+    "knn",
+    "knn_entropy",
+    "knn_kl_divergence",
+    "koleo_loss",
+    "ksg_mutual_information",
 ]
