@@ -278,7 +278,7 @@ def _floor_zero_distances(eps: torch.Tensor, neighbour: str, group, where: str =
     positive = torch.cat([positive, positive.new_full((eps.shape[0], 1), float("inf"))], -1)  # a rank may hold none
     stats = torch.stack([positive.amin(-1), zero.sum(-1).double()], -1)  # (B, 2)
     w = _dist.world_size(group)
-    table = _dist._wait(_dist._funcol().all_gather_tensor(stats.contiguous(), 0, group)).view(w, *stats.shape)
+    table = _dist._all_gather(stats.contiguous(), group).view(w, *stats.shape)
     _dist._account("all_gather", (w - 1) * stats.numel() * stats.element_size())
     positive = table[..., 0].amin(0).to(eps.dtype)[:, None]
     message = f"infofuse: no positive {neighbour} distance{where}"
