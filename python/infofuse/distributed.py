@@ -20,7 +20,7 @@ from ._dist import CommStats, comm_stats
 # (import of _dist_lce goes here)
 
 # data parallel
-# (import of _dist_info_nce goes here)
+from ._dist_info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 
 # sharded points
 # (import of _dist_knn goes here)
@@ -31,7 +31,11 @@ __all__ = [
     # vocabulary parallel
     # (its names)
     # data parallel
-    # (their names)
+    "clip_loss",
+    "info_nce",
+    "nt_xent",
+    "siglip_loss",
+    "supcon_loss",
     # sharded points
     # (their names)
 ]
