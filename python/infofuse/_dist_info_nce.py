@@ -392,30 +392,34 @@ def _ring_forward(key, sizes, world: _World, visit) -> None:
 
 def _ring_backward(key, sizes, world: _World, visit, acc) -> torch.Tensor:
     """The backward ring: the shards pass as in forward; ``visit(src, shard)`` returns this rank's part of that
-    shard's gradient, added to the accumulator received from r − 1 and sent on to r + 1 (posted in the same order
-    on every rank, so the shard and accumulator messages between two ranks match in order). Returns this rank's
-    own shard's gradient, which arrives after the last step."""
+    shard's gradient. A shard's accumulator starts at the rank after its owner (step 1), collects each rank's
+    part on its way round and reaches the owner after step W − 1, who adds its own part (kept from step 0): W − 1
+    accumulator sends per rank, as a reduce-scatter. The shard and accumulator messages between two ranks are
+    posted in the same order on every rank, so they match in order. Returns this rank's shard's gradient."""
     most = max(sizes)
     cur = _buffer(key, most)
     nxt = torch.empty_like(cur)
     incoming = torch.empty((most, key.shape[1]), dtype=acc, device=key.device)
     to, frm = (world.rank + 1) % world.size, (world.rank - 1) % world.size
     pending: list = []
+    own = None
     for step in range(world.size):
         src = (world.rank - step) % world.size
         reqs = _dist.send_recv(cur, nxt, to, frm, world.group) if step < world.size - 1 else []
         part = visit(src, cur[: sizes[src]])
         for req in pending:
             req.wait()
-        total = part if step == 0 else incoming[: sizes[src]] + part
-        outgoing = _buffer(total, most)
-        pending = _dist.send_recv(outgoing, incoming, to, frm, world.group)
+        if step == 0:
+            own = part
+        else:
+            total = part if step == 1 else incoming[: sizes[src]] + part
+            pending = _dist.send_recv(_buffer(total, most), incoming, to, frm, world.group)
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
     for req in pending:
         req.wait()
-    return incoming[: sizes[world.rank]].clone()
+    return own + incoming[: sizes[world.rank]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
