@@ -17,7 +17,7 @@ import torch
 
 import infofuse
 from tests.dist_utils import gloo_available, run_ranks
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_graded
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -114,8 +114,10 @@ def _case(name: str, side: _Side, ops, extra: dict):
         out = ops.info_nce(q, k, **kw, **extra)
         return out, dict(query=q, key=k, scale=scale), order
     if kind == "clip":
-        image, text = side.leaf(_randn(n_all, 12), SIZES), side.leaf(_randn(n_all, 13), SIZES, noncontig=True)
-        out = ops.clip_loss(image, text, scale, reduction=option, **extra)
+        dtype = torch.bfloat16 if option == "bf16" else torch.float64
+        image = side.leaf(_randn(n_all, 12).to(dtype), SIZES)
+        text = side.leaf(_randn(n_all, 13).to(dtype), SIZES, noncontig=True)
+        out = ops.clip_loss(image, text, scale, reduction="mean" if option == "bf16" else option, **extra)
         return out, dict(image=image, text=text, scale=scale), order
     if kind == "siglip":
         extra_keys = option != "square"
@@ -214,6 +216,8 @@ def _sweep(rank, world):
     for schedule in SCHEDULES:
         for name in CASES:
             results[(3, schedule, name)] = _run(name, _Side(rank, world), idist, dict(schedule=schedule))
+    for schedule in SCHEDULES:
+        results[(3, schedule, "clip:bf16")] = _run("clip:bf16", _Side(rank, world), idist, dict(schedule=schedule))
     results[(3, "all_gather-reference", "info_nce:exclude_self")] = _run(
         "info_nce:exclude_self", _Side(rank, world), idist, dict(impl="reference")
     )
@@ -251,12 +255,27 @@ def _compare(res, world, truth, tol, where):
         assert_close(got, grad, **tol, name=f"{where}: gradient of {leaf}")
 
 
+def _grade_bf16(res, schedule):
+    truth, truth_grads = _expected("clip:mean", 3)
+    dense, dense_grads = _expected("clip:bf16", 3, impl="reference")
+    for r in res:
+        ours = torch.tensor(r["out"], dtype=torch.float64)
+        assert_graded(ours, dense, truth, name=f"bf16 clip_loss, {schedule}: loss", floor=1e-6)
+    for leaf in ("image", "text", "scale"):
+        parts = [torch.tensor(r["grads"][leaf], dtype=torch.float64) for r in res]
+        ours = sum(parts) / 3 if leaf == "scale" else torch.cat(parts) / 3
+        assert_graded(ours, dense_grads[leaf], truth_grads[leaf], name=f"bf16 clip_loss, {schedule}: d{leaf}")
+
+
 def test_every_loss_and_option_matches_the_single_process_op():
     out = run_ranks(_sweep, 3, timeout=150)
     truth = {}
     for key in sorted(out[0], key=str):
         world, schedule, name = key
         if schedule == "single-process":
+            continue
+        if name == "clip:bf16":  # graded: error vs float64 within 2x of PyTorch's own bf16 error
+            _grade_bf16([out[r][key] for r in range(3)], schedule)
             continue
         for impl in (None, "reference"):
             if (world, name, impl) not in truth:
