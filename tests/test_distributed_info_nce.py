@@ -47,10 +47,11 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
 
 
 class _Side:
-    """Where a case runs: the whole batch (``rank`` None, single-process) or one rank's rows."""
+    """Where a case runs: the whole batch (``rank`` None, single-process) or one rank's rows; ``dtype`` of the
+    embeddings."""
 
-    def __init__(self, rank, world):
-        self.rank, self.world = rank, world
+    def __init__(self, rank, world, dtype=torch.float64):
+        self.rank, self.world, self.dtype = rank, world, dtype
 
     def rows(self, t, sizes):
         if self.rank is None:
@@ -60,7 +61,7 @@ class _Side:
         return t[start : start + sizes[self.rank]]
 
     def leaf(self, t, sizes, noncontig=False):
-        x = self.rows(t, sizes).clone()
+        x = self.rows(t, sizes).to(self.dtype).clone()
         if noncontig:  # column-major: a non-contiguous leaf
             x = x.T.contiguous().T
         return x.requires_grad_()
@@ -74,7 +75,12 @@ class _Side:
 
 def _case(name: str, side: _Side, ops, extra: dict):
     """(output, leaves by name, global indices of "none" rows) of case ``name``: ``ops`` is ``infofuse`` or
-    ``infofuse.distributed``, ``extra`` the distributed keywords (empty for the single-process op)."""
+    ``infofuse.distributed``, ``extra`` the distributed keywords (empty for the single-process op). A name ending in
+    ``@impl`` runs that single-process kernel (Triton's, on float32) for the all_gather schedule's blocks."""
+    name, _, impl = name.partition("@")
+    if impl:
+        extra = {**extra, "impl": impl}
+        side = _Side(side.rank, side.world, torch.float32)
     world = side.world
     n_all, m_all = sum(SIZES[:world]), sum(KEY_SIZES[:world])
     scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
@@ -173,6 +179,10 @@ CASES = (
 )
 
 
+TRITON_CASES = ("info_nce:exclude_self@fused", "siglip:mean@chunked", "supcon:mean@chunked", "nt_xent:none@fused")
+TOL32 = dict(rtol=2e-5, atol=2e-6)
+
+
 def _weights(n: int) -> torch.Tensor:
     """Upstream gradient of a "none" output (by global row)."""
     return torch.linspace(0.5, 1.5, n, dtype=torch.float64)
@@ -221,6 +231,8 @@ def _sweep(rank, world):
     results[(3, "all_gather-reference", "info_nce:exclude_self")] = _run(
         "info_nce:exclude_self", _Side(rank, world), idist, dict(impl="reference")
     )
+    for name in TRITON_CASES:  # the kernels that run on CUDA, here in Triton's interpreter
+        results[(3, "all_gather", name)] = _run(name, _Side(rank, world), idist, {})
     pair = dist.new_group([0, 1])
     singles = [dist.new_group([r]) for r in range(world)]
     if rank < 2:
@@ -277,12 +289,15 @@ def test_every_loss_and_option_matches_the_single_process_op():
         if name == "clip:bf16":  # graded: error vs float64 within 2x of PyTorch's own bf16 error
             _grade_bf16([out[r][key] for r in range(3)], schedule)
             continue
-        for impl in (None, "reference"):
-            if (world, name, impl) not in truth:
-                truth[(world, name, impl)] = _expected(name, world, impl)
         res = [out[r][key] for r in range(3) if key in out[r]]
         assert len(res) == world, key
         where = f"{world} ranks, {schedule}, {name}"
+        if "@" in name:  # float32 Triton kernels: against the same kernel on the global batch
+            _compare(res, world, _expected(name, world), TOL32, where)
+            continue
+        for impl in (None, "reference"):
+            if (world, name, impl) not in truth:
+                truth[(world, name, impl)] = _expected(name, world, impl)
         _compare(res, world, truth[(world, name, None)], TOL, where)
         _compare(res, world, truth[(world, name, "reference")], TOL, where + " (vs the dense reference)")
         if world == 1:  # the single-process op in the same process: bit for bit
