@@ -3,7 +3,8 @@ both schedules, uneven local batches 13/19/7 (and 13/19 on a two-rank subgroup, 
 single-process op and the dense reference on the concatenated batch; the gradient contract through
 DistributedDataParallel; open_clip's gather-with-grad ClipLoss; a disagreement between ranks.
 
-Two spawns (each costs seconds): the ranks loop over the cases and return plain lists, compared here.
+One spawn (it costs seconds): the ranks loop over the cases and return plain lists (tensors do not survive the
+queue once their rank exits), compared here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed 
 
 SIZES = (13, 19, 7)  # queries (images, samples) by rank
 KEY_SIZES = (15, 20, 9)  # keys by rank where the key side has extra (hard) negatives
+EMPTY, EMPTY_KEYS = (0, 5, 3), (0, 6, 4)  # a rank without rows
 D = 6
 SCHEDULES = ("all_gather", "ring")
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -76,65 +78,68 @@ class _Side:
 def _case(name: str, side: _Side, ops, extra: dict):
     """(output, leaves by name, global indices of "none" rows) of case ``name``: ``ops`` is ``infofuse`` or
     ``infofuse.distributed``, ``extra`` the distributed keywords (empty for the single-process op). A name ending in
-    ``@impl`` runs that single-process kernel (Triton's, on float32) for the all_gather schedule's blocks."""
+    ``@impl`` runs that single-process kernel (Triton's, on float32) for the all_gather schedule's blocks; one
+    ending in ``#empty`` gives rank 0 no rows."""
     name, _, impl = name.partition("@")
+    name, _, variant = name.partition("#")
+    sizes, key_sizes = (EMPTY, EMPTY_KEYS) if variant == "empty" else (SIZES, KEY_SIZES)
     if impl:
         extra = {**extra, "impl": impl}
         side = _Side(side.rank, side.world, torch.float32)
     world = side.world
-    n_all, m_all = sum(SIZES[:world]), sum(KEY_SIZES[:world])
+    n_all, m_all = sum(sizes[:world]), sum(key_sizes[:world])
     scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-1.3, dtype=torch.float64, requires_grad=True)
     temperature = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
     kind, _, option = name.partition(":")
-    order = side.order(SIZES)
+    order = side.order(sizes)
     if kind == "info_nce":
         extra_keys = option in ("hard", "hard_labels")
-        ksizes = KEY_SIZES if extra_keys else SIZES
-        q = side.leaf(_randn(n_all, 1), SIZES, noncontig=option == "default")
+        ksizes = key_sizes if extra_keys else sizes
+        q = side.leaf(_randn(n_all, 1), sizes, noncontig=option == "default")
         k = side.leaf(_randn(m_all if extra_keys else n_all, 2), ksizes)
         kw = dict(scale=scale, reduction="mean")
         if option == "hard":  # targets anywhere among the global keys
-            kw.update(target=side.rows(_ints(n_all, m_all, 3), SIZES), reduction="sum")
+            kw.update(target=side.rows(_ints(n_all, m_all, 3), sizes), reduction="sum")
         elif option == "hard_labels":  # false-negative masking with extra keys
             kw.update(
-                target=side.rows(_ints(n_all, m_all, 4), SIZES),
-                labels=side.rows(_ints(n_all, 4, 5), SIZES),
-                key_labels=side.rows(_ints(m_all, 4, 6), KEY_SIZES),
+                target=side.rows(_ints(n_all, m_all, 4), sizes),
+                labels=side.rows(_ints(n_all, 4, 5), sizes),
+                key_labels=side.rows(_ints(m_all, 4, 6), key_sizes),
                 reduction="none",
             )
         elif option == "symmetric":
-            kw.update(target=side.rows(torch.randperm(n_all, generator=torch.Generator().manual_seed(7)), SIZES))
+            kw.update(target=side.rows(torch.randperm(n_all, generator=torch.Generator().manual_seed(7)), sizes))
             kw.update(symmetric=True, reduction="sum")
         elif option == "symmetric_none":
-            kw.update(symmetric=True, reduction="none", labels=side.rows(_ints(n_all, 5, 8), SIZES))
+            kw.update(symmetric=True, reduction="none", labels=side.rows(_ints(n_all, 5, 8), sizes))
         elif option == "exclude_self":  # every option at once
             kw.update(
-                target=side.rows(_derangement(n_all, 9), SIZES),
-                labels=side.rows(_ints(n_all, 3, 10), SIZES),
+                target=side.rows(_derangement(n_all, 9), sizes),
+                labels=side.rows(_ints(n_all, 3, 10), sizes),
                 symmetric=True,
                 exclude_self=True,
             )
         elif option == "exclude_self_none":
-            kw.update(target=side.rows(_derangement(n_all, 11), SIZES), exclude_self=True, reduction="none")
+            kw.update(target=side.rows(_derangement(n_all, 11), sizes), exclude_self=True, reduction="none")
         out = ops.info_nce(q, k, **kw, **extra)
         return out, dict(query=q, key=k, scale=scale), order
     if kind == "clip":
         dtype = torch.bfloat16 if option == "bf16" else torch.float64
-        image = side.leaf(_randn(n_all, 12).to(dtype), SIZES)
-        text = side.leaf(_randn(n_all, 13).to(dtype), SIZES, noncontig=True)
+        image = side.leaf(_randn(n_all, 12).to(dtype), sizes)
+        text = side.leaf(_randn(n_all, 13).to(dtype), sizes, noncontig=True)
         out = ops.clip_loss(image, text, scale, reduction="mean" if option == "bf16" else option, **extra)
         return out, dict(image=image, text=text, scale=scale), order
     if kind == "siglip":
         extra_keys = option != "square"
-        ksizes = KEY_SIZES if extra_keys else SIZES
-        image = side.leaf(_randn(n_all, 14), SIZES)
+        ksizes = key_sizes if extra_keys else sizes
+        image = side.leaf(_randn(n_all, 14), sizes)
         text = side.leaf(_randn(m_all if extra_keys else n_all, 15), ksizes)
         reduction = "mean" if option == "square" else option
         out = ops.siglip_loss(image, text, scale, bias, reduction=reduction, **extra)
         return out, dict(image=image, text=text, scale=scale, bias=bias), order
     if kind == "nt_xent":
-        z1, z2 = side.leaf(_randn(n_all, 16), SIZES), side.leaf(_randn(n_all, 17), SIZES)
+        z1, z2 = side.leaf(_randn(n_all, 16), sizes), side.leaf(_randn(n_all, 17), sizes)
         out = ops.nt_xent(z1, z2, temperature, reduction=option, **extra)
         order = torch.cat([order, order + n_all])  # z1's anchors, then z2's
         return out, dict(z1=z1, z2=z2, temperature=temperature), order
@@ -143,13 +148,13 @@ def _case(name: str, side: _Side, ops, extra: dict):
         if views:  # (B, V, D) with labels (B,): flattened view-major on each rank
             g = torch.Generator().manual_seed(18)
             feats = torch.randn(n_all, views, D, generator=g, dtype=torch.float64) * (2.0 / D**0.5)
-            features = side.leaf(feats, SIZES)
-            labels = side.rows(_ints(n_all, 6, 19), SIZES)
+            features = side.leaf(feats, sizes)
+            labels = side.rows(_ints(n_all, 6, 19), sizes)
             order = torch.cat([order + v * n_all for v in range(views)])
         else:  # a singleton label: a row without a positive, left out of the mean
             labels = _ints(n_all, 4, 20)
             labels[5] = 99
-            features, labels = side.leaf(_randn(n_all, 21), SIZES), side.rows(labels, SIZES)
+            features, labels = side.leaf(_randn(n_all, 21), sizes), side.rows(labels, sizes)
         reduction = "mean" if option == "views" else option
         out = ops.supcon_loss(features, labels, temperature, reduction=reduction, **extra)
         return out, dict(features=features, temperature=temperature), order
@@ -180,6 +185,13 @@ CASES = (
 
 
 TRITON_CASES = ("info_nce:exclude_self@fused", "siglip:mean@chunked", "supcon:mean@chunked", "nt_xent:none@fused")
+EMPTY_CASES = (
+    "info_nce:hard_labels#empty",
+    "clip:mean#empty",
+    "siglip:sum#empty",
+    "nt_xent:none#empty",
+    "supcon:mean#empty",
+)
 TOL32 = dict(rtol=2e-5, atol=2e-6)
 
 
@@ -190,7 +202,7 @@ def _weights(n: int) -> torch.Tensor:
 
 def _total(name: str, world: int) -> int:
     """The number of per-row outputs of case ``name`` on the global batch."""
-    n = sum(SIZES[:world])
+    n = sum((EMPTY if name.endswith("#empty") else SIZES)[:world])
     return 2 * n if name.startswith("nt_xent") or name == "supcon:views" else n
 
 
@@ -214,7 +226,7 @@ def _expected(name, world, impl=None):
     return out.detach(), {k: v.grad for k, v in leaves.items()}
 
 
-# ---------------------------------------------------------------- spawn 1: every case, 3 ranks, 2 ranks, 1 rank
+# ---------------------------------------------------------------- every case: 3 ranks, 2 ranks, 1 rank
 
 
 def _sweep(rank, world):
@@ -231,6 +243,9 @@ def _sweep(rank, world):
     results[(3, "all_gather-reference", "info_nce:exclude_self")] = _run(
         "info_nce:exclude_self", _Side(rank, world), idist, dict(impl="reference")
     )
+    for schedule in SCHEDULES:
+        for name in EMPTY_CASES:
+            results[(3, schedule, name)] = _run(name, _Side(rank, world), idist, dict(schedule=schedule))
     for name in TRITON_CASES:  # the kernels that run on CUDA, here in Triton's interpreter
         results[(3, "all_gather", name)] = _run(name, _Side(rank, world), idist, {})
     pair = dist.new_group([0, 1])
@@ -279,8 +294,18 @@ def _grade_bf16(res, schedule):
         assert_graded(ours, dense_grads[leaf], truth_grads[leaf], name=f"bf16 clip_loss, {schedule}: d{leaf}")
 
 
-def test_every_loss_and_option_matches_the_single_process_op():
-    out = run_ranks(_sweep, 3, timeout=150)
+def _everything(rank, world):
+    return dict(sweep=_sweep(rank, world), contract=_contract(rank, world))
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """One spawn of 3 ranks for the whole file (a spawn costs seconds; the checks inside take about one)."""
+    return run_ranks(_everything, 3, timeout=150)
+
+
+def test_every_loss_and_option_matches_the_single_process_op(ranks):
+    out = [r["sweep"] for r in ranks]
     truth = {}
     for key in sorted(out[0], key=str):
         world, schedule, name = key
@@ -305,7 +330,7 @@ def test_every_loss_and_option_matches_the_single_process_op():
             assert res[0] == single, f"{where}: differs from the single-process op"
 
 
-# ---------------------------------------------------------------- spawn 2: DDP, open_clip, a disagreement
+# ---------------------------------------------------------------- DDP, open_clip, a disagreement
 
 
 class _Towers(torch.nn.Module):
@@ -405,8 +430,8 @@ def _single_process_gradients(loss):
     return value.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_contract_under_ddp_open_clip_and_disagreement():
-    out = run_ranks(_contract, 3, timeout=150)
+def test_gradient_contract_under_ddp_open_clip_and_disagreement(ranks):
+    out = [r["contract"] for r in ranks]
     for schedule in SCHEDULES:
         for loss in DDP_LOSSES:
             value, grads = _single_process_gradients(loss)

@@ -297,6 +297,8 @@ class _Ring(torch.autograd.Function):
         chunk = _chunk(spec)
 
         def visit(src, shard):
+            if shard.shape[0] == 0:  # an empty shard (a rank with no keys) adds nothing
+                return
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 raw, score, blocked, extra = _block(spec, a, b, shard, offsets[src], query, scale)
@@ -350,6 +352,8 @@ class _Ring(torch.autograd.Function):
             nonlocal d_scale, d_bias
             shard_acc = shard.to(acc)
             part = torch.zeros(shard.shape, dtype=acc, device=shard.device)
+            if shard.shape[0] == 0:
+                return part
             for a in range(0, n, chunk):
                 b = min(n, a + chunk)
                 raw, score, blocked, extra = _block(spec, a, b, shard, offsets[src], query, scale)
@@ -413,7 +417,8 @@ def _ring_backward(key, sizes, world: _World, visit, acc) -> torch.Tensor:
             own = part
         else:
             total = part if step == 1 else incoming[: sizes[src]] + part
-            pending = _dist.send_recv(_buffer(total, most), incoming, to, frm, world.group)
+            outgoing = _buffer(total, most)  # referenced here until its send is waited for
+            pending = _dist.send_recv(outgoing, incoming, to, frm, world.group)
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
