@@ -334,15 +334,16 @@ def test_every_loss_and_option_matches_the_single_process_op(ranks):
 
 
 class _Towers(torch.nn.Module):
-    """Two linear encoders, a learnable log-scale and SigLIP's learnable bias."""
+    """Two linear encoders, a learnable log-scale and SigLIP's learnable bias (one-element vectors: FSDP2 does not
+    take 0-dim parameters)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.image = torch.nn.Linear(5, D, dtype=torch.float64)
         self.text = torch.nn.Linear(4, D, dtype=torch.float64)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
-        self.logit_bias = torch.nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
+        self.logit_scale = torch.nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+        self.logit_bias = torch.nn.Parameter(torch.tensor([-2.0], dtype=torch.float64))
 
     def forward(self, x, y, labels, loss, ops, **extra):
         a, b = self.image(x), self.text(y)
@@ -383,10 +384,13 @@ def _open_clip_loss_module():
 
 def _contract(rank, world):
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     import infofuse.distributed as idist
 
+    mesh = init_device_mesh("cpu", (world,))
     x, y, labels = _ddp_inputs()
     start = sum(SIZES[:rank])
     mine = slice(start, start + SIZES[rank])
@@ -398,6 +402,13 @@ def _contract(rank, world):
             value.backward()
             grads = {k: p.grad.tolist() for k, p in model.module.named_parameters() if p.grad is not None}
             results[(schedule, loss)] = dict(value=value.item(), grads=grads)
+        # FSDP2 (one root unit over the 3 ranks) averages the gradients as DDP does
+        model = _Towers()
+        fully_shard(model, mesh=mesh)
+        value = model(x[mine], y[mine], labels[mine], "siglip", idist, schedule=schedule)
+        value.backward()
+        grads = {k: p.grad.full_tensor().tolist() for k, p in model.named_parameters()}
+        results[(schedule, "siglip-fsdp2")] = dict(value=value.item(), grads=grads)
 
     # open_clip's gather-with-grad ClipLoss (even shards: its all_gather needs them) on the same features
     module = _open_clip_loss_module()
@@ -430,11 +441,11 @@ def _single_process_gradients(loss):
     return value.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_contract_under_ddp_open_clip_and_disagreement(ranks):
+def test_gradient_contract_under_ddp_and_fsdp2_open_clip_and_disagreement(ranks):
     out = [r["contract"] for r in ranks]
     for schedule in SCHEDULES:
-        for loss in DDP_LOSSES:
-            value, grads = _single_process_gradients(loss)
+        for loss in (*DDP_LOSSES, "siglip-fsdp2"):
+            value, grads = _single_process_gradients(loss.removesuffix("-fsdp2"))
             for r in range(3):
                 res = out[r][(schedule, loss)]
                 where = f"{loss}, {schedule}, rank {r}"
