@@ -150,27 +150,33 @@ class _Rows:
     """This rank's rows ``query`` against the key side, whose rows are the ranks' shards ``key`` (``sizes`` by
     rank) concatenated: the key positions. Indices are key positions.
 
-    kind "nce": row i's loss is lse over its allowed positions − S[i, target[i]]; ``self_pos[i]`` (if given)
-    leaves the softmax, and with ``labels`` every position j ≠ target[i] whose ``key_labels[j]`` equals
-    ``labels[i]`` too. kind "supcon": the softmax runs over all positions but ``self_pos[i]``, the positives are
-    the other positions with row i's label, the loss is lse − their mean score (0 without a positive; ``count``
-    holds their number). kind "siglip": Σ_j softplus(−y_ij (S_ij + bias)), y_ij = +1 at j = self_pos[i]."""
+    Row i's own position is ``self_start + i`` (the rank's rows are contiguous in the key positions of every loss
+    here). kind "nce": row i's loss is lse over its allowed positions − S[i, target[i]]; its own position (if
+    ``self_start`` is given) leaves the softmax, and with ``labels`` every position j ≠ target[i] whose
+    ``key_labels[j]`` equals ``labels[i]`` too. kind "supcon": the softmax runs over all positions but its own,
+    the positives are the other positions with row i's label, the loss is lse − their mean score (0 without a
+    positive; ``count`` holds their number). kind "siglip": Σ_j softplus(−y_ij (S_ij + bias)), y_ij = +1 at its
+    own position."""
 
     kind: str
     sizes: tuple
     target: torch.Tensor | None = None
-    self_pos: torch.Tensor | None = None
+    self_start: int | None = None
     labels: torch.Tensor | None = None
     key_labels: torch.Tensor | None = None
     count: torch.Tensor | None = None
 
 
-def _self_first(self_pos: torch.Tensor, total: int) -> torch.Tensor:
-    """A permutation of the key positions that puts row i's own position at i (the single-process kernels'
-    diagonal), the others after it in order."""
-    rest = torch.ones(total, dtype=torch.bool, device=self_pos.device)
-    rest[self_pos] = False
-    return torch.cat([self_pos, rest.nonzero().squeeze(1)])
+def _self_first(start: int, n: int, total: int, device) -> torch.Tensor:
+    """A permutation of the key positions that puts row i's own position ``start + i`` at i (the single-process
+    kernels' diagonal), the others after them in order."""
+    return torch.cat(
+        [
+            torch.arange(start, start + n, device=device),
+            torch.arange(0, start, device=device),
+            torch.arange(start + n, total, device=device),
+        ]
+    )
 
 
 def _nce_kernel(impl, query, key, scale, target, labels, key_labels, exclude_self):
@@ -189,8 +195,8 @@ def _rows_all_gather(rows: _Rows, query, key, scale, bias, impl, world: _World) 
     keys = _dist.gather_rows(key, rows.sizes, world.group)
     total = keys.shape[0]
     target, key_labels = rows.target, rows.key_labels
-    if rows.self_pos is not None:  # the kernels' diagonal is each row's own position
-        perm = _self_first(rows.self_pos, total)
+    if rows.self_start is not None:  # the kernels' diagonal is each row's own position
+        perm = _self_first(rows.self_start, query.shape[0], total, query.device)
         keys = keys.index_select(0, perm)
         inverse = torch.argsort(perm)
         target = None if target is None else inverse[target]
@@ -201,7 +207,7 @@ def _rows_all_gather(rows: _Rows, query, key, scale, bias, impl, world: _World) 
         op = getattr(torch.ops.infofuse, _sp._op_name(impl, "siglip", "forward"))
         return op(query, keys, scale, bias)
     if rows.kind == "nce":
-        return _nce_kernel(impl, query, keys, scale, target, rows.labels, key_labels, rows.self_pos is not None)
+        return _nce_kernel(impl, query, keys, scale, target, rows.labels, key_labels, rows.self_start is not None)
     return _supcon_all_gather(rows, query, keys, scale, key_labels, impl)
 
 
@@ -251,7 +257,9 @@ def _block(spec: _RingSpec, a: int, b: int, shard: torch.Tensor, offset: int, qu
     raw = (query[a:b] @ shard.T).to(acc)  # the product in the inputs' dtype, as the reference computes it
     score = raw * scale
     cols = torch.arange(offset, offset + shard.shape[0], device=query.device)
-    own = None if rows.self_pos is None else rows.self_pos[a:b, None] == cols[None, :]
+    own = None
+    if rows.self_start is not None:
+        own = torch.arange(rows.self_start + a, rows.self_start + b, device=query.device)[:, None] == cols[None, :]
     if rows.kind == "siglip":
         return raw, score, None, own
     same = None
@@ -640,24 +648,22 @@ def _info_nce_family(
         target_all = torch.arange(n_all, device=device)
 
     s = _sp._scale_tensor(scale, query)
-    own_rows = torch.arange(n_off, n_off + n, device=device)
     row_problem = _Rows(
         "nce",
         tuple(m_sizes),
         target=target_all[n_off : n_off + n],
-        self_pos=own_rows if exclude_self else None,
+        self_start=n_off if exclude_self else None,
         labels=None if labels_all is None else labels_all[n_off : n_off + n],
         key_labels=key_labels_all,
     )
     terms = _rows_terms(row_problem, query, key, s, None, schedule, impl, world)
     if symmetric:  # this rank's keys' column terms: the transposed problem against every query
         col_target = torch.argsort(target_all)
-        own_cols = torch.arange(m_off, m_off + m, device=device)
         col_problem = _Rows(
             "nce",
             tuple(n_sizes),
             target=col_target[m_off : m_off + m],
-            self_pos=own_cols if exclude_self else None,
+            self_start=m_off if exclude_self else None,
             labels=None if key_labels_all is None else key_labels_all[m_off : m_off + m],
             key_labels=labels_all,
         )
@@ -759,7 +765,7 @@ def nt_xent(
         "nce",
         tuple(2 * s for s in sizes),
         target=2 * off + torch.cat([local + b, local]),
-        self_pos=2 * off + torch.arange(2 * b, device=device),
+        self_start=2 * off,
     )
     scale = _sp._scale_tensor(1.0 / temperature, z)
     terms = _rows_terms(rows, z, z, scale, None, schedule, impl, world)
@@ -820,11 +826,10 @@ def supcon_loss(
     n, off = sizes[world.rank], _dist.offsets(sizes)[world.rank]
     device = flat.device
     labels_all = _gather_ints(world, [(flat_labels, sizes)], device)[0]
-    own = torch.arange(off, off + n, device=device)
     own_labels = labels_all[off : off + n]
     ordered = labels_all.sort().values  # |P(i)| = rows of row i's label, itself excluded
     count = torch.searchsorted(ordered, own_labels, right=True) - torch.searchsorted(ordered, own_labels) - 1
-    rows = _Rows("supcon", tuple(sizes), self_pos=own, labels=own_labels, key_labels=labels_all, count=count)
+    rows = _Rows("supcon", tuple(sizes), self_start=off, labels=own_labels, key_labels=labels_all, count=count)
     scale = _sp._scale_tensor(1.0 / temperature, flat)
     terms = _rows_terms(rows, flat, flat, scale, None, schedule, impl, world)
     return _reduce(terms, reduction, (rows.count > 0).sum(), world)
@@ -886,8 +891,8 @@ def siglip_loss(
             f"N = {n_all} images and M = {m_all} texts"
         )
     impl = _sp._resolve_impl(impl, image) if schedule == "all_gather" else None
-    n, off = n_sizes[world.rank], _dist.offsets(n_sizes)[world.rank]
-    rows = _Rows("siglip", tuple(m_sizes), self_pos=torch.arange(off, off + n, device=image.device))
+    off = _dist.offsets(n_sizes)[world.rank]
+    rows = _Rows("siglip", tuple(m_sizes), self_start=off)
     scale = _sp._scale_tensor(logit_scale, image)
     bias = _sp._scale_tensor(logit_bias, image)
     terms = _rows_terms(rows, image, text, scale, bias, schedule, impl, world)
