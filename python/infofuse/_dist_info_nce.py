@@ -247,6 +247,10 @@ def _buffer(t: torch.Tensor, rows: int) -> torch.Tensor:
 class _RingSpec:
     rows: _Rows
     world: _World
+    # symmetric (one ring for both directions): every key position's positive query (global), and where this
+    # rank's queries start among the global queries
+    col_target: torch.Tensor | None = None
+    row_start: int = 0
 
 
 def _block(spec: _RingSpec, a: int, b: int, shard: torch.Tensor, offset: int, query: torch.Tensor, scale):
@@ -276,26 +280,50 @@ def _block(spec: _RingSpec, a: int, b: int, shard: torch.Tensor, offset: int, qu
     return raw, score, blocked, is_target
 
 
+def _column_target(spec: _RingSpec, a: int, b: int, offset: int, m: int, device) -> torch.Tensor:
+    """Symmetric: whether row a + i is the positive of column offset + j (the column terms' target indicator)."""
+    ct = spec.col_target[offset : offset + m]
+    return torch.arange(spec.row_start + a, spec.row_start + b, device=device)[:, None] == ct[None, :]
+
+
 def _chunk(spec: _RingSpec) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, max(spec.rows.sizes)))
 
 
+def _shifted(new_max: torch.Tensor) -> torch.Tensor:
+    """The running maximum to subtract before exp: 0 where it is −inf (nothing allowed yet), so no inf − inf."""
+    return torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+
+
+def _merge_states(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Two partial column states (max, Σ exp(s − max), target score) merged, as MATH.md's online log-sum-exp."""
+    new = torch.maximum(x[:, 0], y[:, 0])
+    shift = _shifted(new)
+    total = x[:, 1] * torch.exp(x[:, 0] - shift) + y[:, 1] * torch.exp(y[:, 0] - shift)
+    return torch.stack([new, total, x[:, 2] + y[:, 2]], 1)
+
+
 class _Ring(torch.autograd.Function):
-    """The rows' terms with the key shards passed around the ring; returns the per-row losses.
+    """The rows' terms with the key shards passed around the ring; returns the per-row losses and, for a symmetric
+    loss (``spec.col_target``), this rank's keys' column losses (else an empty vector).
 
     Forward: W steps; at step s this rank holds the shard of rank (r − s) mod W, posts the send of it to r + 1 and
     the receive of the next from r − 1, and meanwhile folds the block (row chunks × the shard) into running
-    per-row maxima and sums of exponentials (online log-sum-exp), target scores or positive sums. Saved: the local
-    inputs and the per-row lse only.
+    per-row maxima and sums of exponentials (online log-sum-exp), target scores or positive sums. A symmetric loss
+    also folds the block into the shard's column states (max, sum, target score), which travel round the ring
+    behind the shard and reach its owner, as the backward's accumulators do: each (query, key) score is computed
+    once. Saved: the local inputs and the per-row (and own columns') lse only.
 
-    Backward: a second ring recomputes each block from the saved lse. The shard's gradient accumulator travels
-    with it: at each step the rank adds its part Gᵀ·q and sends the sum on; after W steps it reaches the owner,
-    who returns it as its key's gradient (the ring's reduce-scatter). The query gradient G·k and the scale and
-    bias gradients (this rank's terms only) stay local."""
+    Backward: a second ring recomputes each block from the saved lse (a symmetric loss sends each shard's column
+    lse and column gradients with it). The shard's gradient accumulator travels after it: at each step the rank
+    adds its part Gᵀ·q and sends the sum on; after W − 1 sends it reaches the owner, who returns it as its key's
+    gradient (the ring's reduce-scatter). The query gradient G·k and the scale and bias gradients (this rank's
+    terms only) stay local."""
 
     @staticmethod
     def forward(ctx, query, key, scale, bias, spec):
         rows, world = spec.rows, spec.world
+        symmetric = spec.col_target is not None
         n = query.shape[0]
         acc = scale.dtype
         run_max = torch.full((n,), float("-inf"), dtype=acc, device=query.device)
@@ -304,10 +332,14 @@ class _Ring(torch.autograd.Function):
         offsets = _dist.offsets(rows.sizes)
         chunk = _chunk(spec)
 
-        def visit(src, shard):
-            if shard.shape[0] == 0:  # an empty shard (a rank with no keys) adds nothing
-                return
-            for a in range(0, n, chunk):
+        def visit(src, shards):
+            shard = shards[0]
+            m = shard.shape[0]
+            state = None
+            if symmetric:
+                state = torch.zeros((m, 3), dtype=acc, device=query.device)
+                state[:, 0] = float("-inf")
+            for a in range(0, n if m else 0, chunk):
                 b = min(n, a + chunk)
                 raw, score, blocked, extra = _block(spec, a, b, shard, offsets[src], query, scale)
                 if rows.kind == "siglip":
@@ -316,33 +348,47 @@ class _Ring(torch.autograd.Function):
                     continue
                 masked = score if blocked is None else score.masked_fill(blocked, float("-inf"))
                 new = torch.maximum(run_max[a:b], masked.amax(1))
-                shift = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+                shift = _shifted(new)
                 run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - shift) + torch.exp(masked - shift[:, None]).sum(
                     1
                 )
                 run_max[a:b] = new
                 picked[a:b] += torch.where(extra, score, torch.zeros_like(score)).sum(1)
+                if symmetric:
+                    new = torch.maximum(state[:, 0], masked.amax(0))
+                    shift = _shifted(new)
+                    state[:, 1] = state[:, 1] * torch.exp(state[:, 0] - shift) + torch.exp(masked - shift[None, :]).sum(
+                        0
+                    )
+                    state[:, 0] = new
+                    is_target = _column_target(spec, a, b, offsets[src], m, query.device)
+                    state[:, 2] += torch.where(is_target, score, torch.zeros_like(score)).sum(0)
+            return state
 
-        _ring_forward(key, rows.sizes, world, visit)
+        own_state = _ring([key], rows.sizes, world, visit, _merge_states if symmetric else None)
+        ctx.spec = spec
         if rows.kind == "siglip":
-            ctx.save_for_backward(query, key, scale, bias, None)
-            ctx.spec = spec
-            return picked
+            ctx.save_for_backward(query, key, scale, bias, None, None)
+            return picked, picked.new_zeros(0)
         lse = run_max + torch.log(run_sum)
         if rows.kind == "nce":
             loss = lse - picked
         else:
             count = rows.count.to(acc)
             loss = torch.where(rows.count > 0, lse - picked / count.clamp(min=1), torch.zeros_like(lse))
-        ctx.save_for_backward(query, key, scale, bias, lse)
-        ctx.spec = spec
-        return loss
+        col_loss, col_lse = picked.new_zeros(0), None
+        if symmetric:
+            col_lse = own_state[:, 0] + torch.log(own_state[:, 1])
+            col_loss = col_lse - own_state[:, 2]
+        ctx.save_for_backward(query, key, scale, bias, lse, col_lse)
+        return loss, col_loss
 
     @staticmethod
-    def backward(ctx, grad):
-        query, key, scale, bias, lse = ctx.saved_tensors
+    def backward(ctx, grad, grad_col):
+        query, key, scale, bias, lse, col_lse = ctx.saved_tensors
         spec = ctx.spec
         rows = spec.rows
+        symmetric = spec.col_target is not None
         n = query.shape[0]
         acc = scale.dtype
         grad = grad.to(acc)
@@ -355,14 +401,16 @@ class _Ring(torch.autograd.Function):
         offsets = _dist.offsets(rows.sizes)
         chunk = _chunk(spec)
         query_acc = query.to(acc)
+        travel = [key]
+        if symmetric:  # each shard's column lse and column gradients go round with it
+            travel.append(torch.stack([col_lse, grad_col.to(acc)], 1))
 
-        def visit(src, shard):
+        def visit(src, shards):
             nonlocal d_scale, d_bias
+            shard = shards[0]
             shard_acc = shard.to(acc)
             part = torch.zeros(shard.shape, dtype=acc, device=shard.device)
-            if shard.shape[0] == 0:
-                return part
-            for a in range(0, n, chunk):
+            for a in range(0, n if shard.shape[0] else 0, chunk):
                 b = min(n, a + chunk)
                 raw, score, blocked, extra = _block(spec, a, b, shard, offsets[src], query, scale)
                 if rows.kind == "siglip":
@@ -377,62 +425,64 @@ class _Ring(torch.autograd.Function):
                         g = (p - extra.to(acc)) * grad[a:b, None]
                     else:
                         g = (p - extra.to(acc) / count[a:b, None]) * grad[a:b, None]
+                    if symmetric:
+                        column_lse, column_grad = shards[1][:, 0], shards[1][:, 1]
+                        is_target = _column_target(spec, a, b, offsets[src], shard.shape[0], query.device)
+                        g = g + (torch.exp(masked - column_lse[None, :]) - is_target.to(acc)) * column_grad[None, :]
                 d_query[a:b] += (g @ shard_acc) * scale
                 part += (g.T @ query_acc[a:b]) * scale
                 d_scale = d_scale + (g * raw).sum()
             return part
 
-        d_key = _ring_backward(key, rows.sizes, spec.world, visit, acc)
+        d_key = _ring(travel, rows.sizes, spec.world, visit, torch.add)
         d_bias_out = d_bias if rows.kind == "siglip" else None
         return d_query.to(query.dtype), d_key.to(key.dtype), d_scale, d_bias_out, None
 
 
-def _ring_forward(key, sizes, world: _World, visit) -> None:
-    """Pass the key shards around: ``visit(src, shard)`` on every rank's shard, the next one in flight."""
-    most = max(sizes)
-    cur = _buffer(key, most)
-    nxt = torch.empty_like(cur)
-    to, frm = (world.rank + 1) % world.size, (world.rank - 1) % world.size
-    for step in range(world.size):
-        src = (world.rank - step) % world.size
-        reqs = _dist.send_recv(cur, nxt, to, frm, world.group) if step < world.size - 1 else []
-        visit(src, cur[: sizes[src]])
-        for req in reqs:
-            req.wait()
-        cur, nxt = nxt, cur
+def _ring(travel, sizes, world: _World, visit, combine=None):
+    """Pass the shards ``travel`` (tensors whose rows are this rank's shard, ``sizes`` by rank) around the ring:
+    at step s this rank holds rank (r − s)'s, posts their sends to r + 1 and the receives of the next ones from
+    r − 1, and calls ``visit(src, shards)`` while they are in flight.
 
-
-def _ring_backward(key, sizes, world: _World, visit, acc) -> torch.Tensor:
-    """The backward ring: the shards pass as in forward; ``visit(src, shard)`` returns this rank's part of that
-    shard's gradient. A shard's accumulator starts at the rank after its owner (step 1), collects each rank's
-    part on its way round and reaches the owner after step W − 1, who adds its own part (kept from step 0): W − 1
-    accumulator sends per rank, as a reduce-scatter. The shard and accumulator messages between two ranks are
-    posted in the same order on every rank, so they match in order. Returns this rank's shard's gradient."""
+    With ``combine``, ``visit`` returns this rank's part of a per-row result for the shard it holds (a gradient,
+    column states), and the parts are combined on their way to the shard's owner: a shard's accumulator starts
+    at the rank after its owner (step 1), collects each rank's part, and after W − 1 sends (a reduce-scatter's
+    count) reaches the owner, who combines it with its own part (kept from step 0); the receive of an accumulator
+    overlaps the next block. The messages between two ranks are posted in the same order on every rank, so they
+    match in order. Returns this rank's combined result (None without ``combine``)."""
     most = max(sizes)
-    cur = _buffer(key, most)
-    nxt = torch.empty_like(cur)
-    incoming = torch.empty((most, key.shape[1]), dtype=acc, device=key.device)
+    cur = [_buffer(t, most) for t in travel]
+    nxt = [torch.empty_like(c) for c in cur]
     to, frm = (world.rank + 1) % world.size, (world.rank - 1) % world.size
     pending: list = []
-    own = None
+    own = incoming = outgoing = None
     for step in range(world.size):
         src = (world.rank - step) % world.size
-        reqs = _dist.send_recv(cur, nxt, to, frm, world.group) if step < world.size - 1 else []
-        part = visit(src, cur[: sizes[src]])
-        for req in pending:
-            req.wait()
-        if step == 0:
-            own = part
-        else:
-            total = part if step == 1 else incoming[: sizes[src]] + part
-            outgoing = _buffer(total, most)  # referenced here until its send is waited for
-            pending = _dist.send_recv(outgoing, incoming, to, frm, world.group)
+        reqs = []
+        if step < world.size - 1:
+            for c, x in zip(cur, nxt, strict=True):
+                reqs += _dist.send_recv(c, x, to, frm, world.group)
+        part = visit(src, [c[: sizes[src]] for c in cur])
+        if combine is not None:
+            if incoming is None:
+                incoming = part.new_empty((most, *part.shape[1:]))
+            for req in pending:
+                req.wait()
+            if step == 0:
+                own = part
+            else:
+                total = part if step == 1 else combine(incoming[: sizes[src]], part)
+                outgoing = _buffer(total, most)  # referenced until its send is waited for
+                pending = _dist.send_recv(outgoing, incoming, to, frm, world.group)
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
+    if combine is None:
+        return None
     for req in pending:
         req.wait()
-    return own + incoming[: sizes[world.rank]]
+    del outgoing
+    return combine(incoming[: sizes[world.rank]], own)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,7 +493,7 @@ def _rows_terms(rows: _Rows, query, key, scale, bias, schedule, impl, world: _Wo
     if schedule == "ring":
         if bias is None:
             bias = scale.new_zeros(())
-        return _Ring.apply(query, key, scale, bias, _RingSpec(rows, world))
+        return _Ring.apply(query, key, scale, bias, _RingSpec(rows, world))[0]
     return _rows_all_gather(rows, query, key, scale, bias, impl, world)
 
 
@@ -656,8 +706,11 @@ def _info_nce_family(
         labels=None if labels_all is None else labels_all[n_off : n_off + n],
         key_labels=key_labels_all,
     )
-    terms = _rows_terms(row_problem, query, key, s, None, schedule, impl, world)
-    if symmetric:  # this rank's keys' column terms: the transposed problem against every query
+    if symmetric and schedule == "ring":  # one ring: each block's row and column terms at once
+        spec = _RingSpec(row_problem, world, col_target=torch.argsort(target_all), row_start=n_off)
+        terms, col_terms = _Ring.apply(query, key, s, s.new_zeros(()).detach(), spec)
+    elif symmetric:  # this rank's keys' column terms: the transposed problem against every query
+        terms = _rows_terms(row_problem, query, key, s, None, schedule, impl, world)
         col_target = torch.argsort(target_all)
         col_problem = _Rows(
             "nce",
@@ -668,6 +721,9 @@ def _info_nce_family(
             key_labels=labels_all,
         )
         col_terms = _rows_terms(col_problem, key, query, s, None, schedule, impl, world)
+    else:
+        terms = _rows_terms(row_problem, query, key, s, None, schedule, impl, world)
+    if symmetric:
         if reduction == "none":
             return _reduce(0.5 * (terms + col_terms), reduction, n_all, world)
         terms = 0.5 * torch.cat([terms, col_terms])
