@@ -2,14 +2,16 @@
 single-process loss of the global batch (every rank's rows concatenated in rank order).
 
 Each rank computes only its own rows' terms against the other side of the whole batch — and, for a symmetric loss,
-its own keys' column terms against every query (the transposed problem) — so no rank computes the whole N×M block
-and no N×M tensor exists anywhere. Two schedules bring the other side to the rank:
+its own keys' column terms — so no rank computes the whole N×M block and no N×M tensor exists anywhere. Two
+schedules bring the other side to the rank:
 
 * ``"all_gather"``: the other side is gathered with ``_dist.gather_rows`` (its gradient reduce-scatters back to the
-  owners) and the local block goes through the single-process kernels (``infofuse::info_nce_forward`` etc.);
-* ``"ring"``: the other side's shards pass around the ring with ``_dist.send_recv`` while the rank computes on the
-  shard it holds (``_Ring``): a running log-sum-exp per row in forward, and in backward a second ring that
-  recomputes the blocks and carries each shard's gradient accumulator on to its owner. Memory O(local·chunk).
+  owners) and the local block goes through the single-process kernels (``infofuse::info_nce_forward`` etc.); a
+  symmetric loss's column terms are the transposed problem (the rank's keys against the gathered queries);
+* ``"ring"``: the key shards pass around the ring with ``_dist.send_recv`` while the rank computes on the shard it
+  holds (``_Ring``): a running log-sum-exp per row (and, symmetric, per column of the shard, travelling behind it to
+  its owner) in forward, and in backward a second ring that recomputes the blocks and carries each shard's gradient
+  accumulator on to its owner. Memory O(local·chunk); each block computed once.
 
 The value returned on every rank is the global loss, ``_dist.all_reduce_sum(local part, grad_scale=W)``: after
 DistributedDataParallel averages the gradients over the W ranks, every parameter's gradient is the single-process
