@@ -1,7 +1,8 @@
 """``infofuse.distributed``'s data-parallel contrastive losses on gloo ranks (CPU, float64): every loss and option,
-both schedules, uneven local batches 13/19/7 (and 13/19 on a two-rank subgroup, and one-rank groups), against the
-single-process op and the dense reference on the concatenated batch; the gradient contract through
-DistributedDataParallel; open_clip's gather-with-grad ClipLoss; a disagreement between ranks.
+both schedules, uneven local batches 13/19/7 (and 13/19 on a two-rank subgroup, one-rank groups, a rank with no
+rows), against the single-process op and the dense reference on the concatenated batch; bf16 graded against
+PyTorch's own bf16 error; the Triton kernels (interpreted) under the all_gather schedule; the gradient contract
+through DistributedDataParallel and FSDP2; open_clip's gather-with-grad ClipLoss; a disagreement between ranks.
 
 One spawn (it costs seconds): the ranks loop over the cases and return plain lists (tensors do not survive the
 queue once their rank exits), compared here.
