@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed 
 SIZES = (13, 19, 7)  # queries (images, samples) by rank
 KEY_SIZES = (15, 20, 9)  # keys by rank where the key side has extra (hard) negatives
 EMPTY, EMPTY_KEYS = (0, 5, 3), (0, 6, 4)  # a rank without rows
+SPLIT = (16, 15, 8)  # keys split unlike the queries (same total)
 D = 6
 SCHEDULES = ("all_gather", "ring")
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -96,7 +97,7 @@ def _case(name: str, side: _Side, ops, extra: dict):
     order = side.order(sizes)
     if kind == "info_nce":
         extra_keys = option in ("hard", "hard_labels")
-        ksizes = key_sizes if extra_keys else sizes
+        ksizes = key_sizes if extra_keys else SPLIT if option == "split" else sizes
         q = side.leaf(_randn(n_all, 1), sizes, noncontig=option == "default")
         k = side.leaf(_randn(m_all if extra_keys else n_all, 2), ksizes)
         kw = dict(scale=scale, reduction="mean")
@@ -118,6 +119,14 @@ def _case(name: str, side: _Side, ops, extra: dict):
             kw.update(
                 target=side.rows(_derangement(n_all, 9), sizes),
                 labels=side.rows(_ints(n_all, 3, 10), sizes),
+                symmetric=True,
+                exclude_self=True,
+            )
+        elif option == "split":  # symmetric, every option, keys on other ranks than their queries
+            kw.update(
+                target=side.rows(_derangement(n_all, 12), sizes),
+                labels=side.rows(_ints(n_all, 3, 13), sizes),
+                key_labels=side.rows(_ints(n_all, 3, 14), SPLIT),
                 symmetric=True,
                 exclude_self=True,
             )
@@ -186,7 +195,8 @@ CASES = (
 
 
 TRITON_CASES = ("info_nce:exclude_self@fused", "siglip:mean@chunked", "supcon:mean@chunked", "nt_xent:none@fused")
-EMPTY_CASES = (
+MORE_CASES = (  # 3 ranks only
+    "info_nce:split",
     "info_nce:hard_labels#empty",
     "clip:mean#empty",
     "siglip:sum#empty",
@@ -245,7 +255,7 @@ def _sweep(rank, world):
         "info_nce:exclude_self", _Side(rank, world), idist, dict(impl="reference")
     )
     for schedule in SCHEDULES:
-        for name in EMPTY_CASES:
+        for name in MORE_CASES:
             results[(3, schedule, name)] = _run(name, _Side(rank, world), idist, dict(schedule=schedule))
     for name in TRITON_CASES:  # the kernels that run on CUDA, here in Triton's interpreter
         results[(3, "all_gather", name)] = _run(name, _Side(rank, world), idist, {})
