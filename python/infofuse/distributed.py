@@ -20,7 +20,7 @@ from ._dist import CommStats, comm_stats
 from ._dist_lce import linear_cross_entropy
 
 # data parallel
-# (import of _dist_info_nce goes here)
+from ._dist_info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 
 # sharded points
 from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information  # isort: skip
@@ -31,7 +31,11 @@ __all__ = [
     # vocabulary parallel
     "linear_cross_entropy",
     # data parallel
-    # (their names)
+    "clip_loss",
+    "info_nce",
+    "nt_xent",
+    "siglip_loss",
+    "supcon_loss",
     # sharded points
     "knn",
     "knn_entropy",
