@@ -15,15 +15,9 @@ docs/distributed.md.
 """
 
 from ._dist import CommStats, comm_stats
-
-# vocabulary parallel
-from ._dist_lce import linear_cross_entropy
-
-# data parallel
-from ._dist_info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
-
-# sharded points
-from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information  # isort: skip
+from ._dist_info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss  # data parallel
+from ._dist_knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information  # sharded points
+from ._dist_lce import linear_cross_entropy  # vocabulary parallel
 
 __all__ = [
     "CommStats",
