@@ -137,7 +137,8 @@ def _knn_peers(shape, rank, world, group):
     start = sum(sizes[:rank])
     x = x[start : start + sizes[rank]].clone().requires_grad_()
     min_bytes = (world - 1) * max(sizes) * d * 4
-    return [x], {"infofuse knn_entropy": lambda: idist.knn_entropy(x, k=k, group=group)}, min_bytes, f"N={n} d={d} k={k}"
+    peers = {"infofuse knn_entropy": lambda: idist.knn_entropy(x, k=k, group=group)}
+    return [x], peers, min_bytes, f"N={n} d={d} k={k}"
 
 
 _BUILDERS = {"lce": _lce_peers, "clip": _clip_peers, "knn": _knn_peers}
@@ -304,7 +305,7 @@ def combine(by_rank: list[list[dict]]) -> list[dict]:
         if errors:
             row["error"] = errors[0]
         else:
-            steps = [max(ts) for ts in zip(*(m["times"] for m in mine))]
+            steps = [max(ts) for ts in zip(*(m["times"] for m in mine), strict=True)]
             row["ms"] = 1e3 * statistics.median(steps)
             row["bytes"] = max(m["bytes"] for m in mine)
             row["min_bytes"] = first["min_bytes"]
