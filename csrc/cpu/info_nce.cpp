@@ -119,7 +119,8 @@ struct NceIndex {
     }
     if (want_col_target) {
       TORCH_CHECK_VALUE(mode == kInfoNce, "the column terms exist only in mode 0 (InfoNCE)");
-      TORCH_CHECK_VALUE(n == m, "the column terms need as many keys as queries, got N = ", n, ", M = ", m);
+      // Any N x M block: the public symmetric loss asks for M == N itself; infofuse.distributed's symmetric loss
+      // takes the column log-sum-exps of a rank's rows against every key (N_r x M).
       TORCH_CHECK_VALUE(col_target_.has_value() && col_target_->defined(), "the column terms need col_target");
       col_target = index_arg(*col_target_, "col_target", m, n, "N");
     }

@@ -213,6 +213,69 @@ def _rows_all_gather(rows: _Rows, query, key, scale, bias, impl, world: _World) 
     return _supcon_all_gather(rows, query, keys, scale, key_labels, impl)
 
 
+def _symmetric_all_gather(rows: _Rows, query, key, scale, impl, world: _World) -> torch.Tensor:
+    """Σ_i row_i + Σ_j col_j of a symmetric loss over the global batch, from ONE block per rank: this rank's
+    queries against the gathered keys (gradient reduce-scattered back to the owners).
+
+    The block's row pass gives each own row's whole loss. Its column pass gives, for every global column j, the
+    log-sum-exp over this rank's rows only (``col_target`` c_j, any row of the block but the column's own: the
+    kernels' column loss is then lse_r,j − S[c_j, j], and S[c_j, j] is added back by a differentiable dot product,
+    which also cancels the kernels' positive-term gradient there). The C++ kernel masks a column by the row
+    pass's masks, which is right for any c_j; the Triton kernels mask a column by labels with c_j as its
+    positive, which is right only without labels, and need a c_j other than the column's own row: the caller
+    takes this path only where that holds. The partial column lse's are stacked over ranks (O(M) floats) and combined by
+    a log-sum-exp: the column softmax of every entry of every block, each rank's gradient for its own block
+    coming back through ``gather_replicated``'s own slice. The column positives sum to the row positives
+    (the targets are a permutation), Σ_i S[i, target[i]], each from its own rank's dot products. So each rank
+    forms its block once (4 GEMMs with the backward, not 8 for a second, transposed block) and sends only the
+    keys and their gradients, half of the two-block way.
+
+    Returns this rank's part (W × its gradient through ``all_reduce_sum`` in the caller) plus, gradient-scaled
+    by W, the replicated column lse sum divided by W, so that the all-reduced total counts it once."""
+    keys = _dist.gather_rows(key, rows.sizes, world.group)
+    total = keys.shape[0]
+    target, key_labels = rows.target, rows.key_labels
+    unpermute = None
+    if rows.self_start is not None:  # the kernels' diagonal is each row's own position
+        perm = _self_first(rows.self_start, query.shape[0], total, query.device)
+        keys = keys.index_select(0, perm)
+        inverse = torch.argsort(perm)
+        target = inverse[target]
+        key_labels = None if key_labels is None else key_labels[perm]
+        unpermute = inverse
+    acc = scale.dtype
+    n = query.shape[0]
+    if n > 0:
+        op = getattr(torch.ops.infofuse, _sp._op_name(impl, "info_nce", "forward"))
+        col_target = torch.zeros(total, dtype=torch.long, device=query.device)
+        if rows.self_start is not None:  # never a column's own row (the Triton kernels mask it)
+            col_target[:n] = (torch.arange(n, device=query.device) + 1) % n
+        row_loss, _, col_loss, _ = op(
+            query,
+            keys,
+            scale,
+            target,
+            rows.labels,
+            key_labels,
+            col_target,
+            _ops.MODE_INFO_NCE,
+            rows.self_start is not None,
+            True,
+        )
+        first = (query.index_select(0, col_target).to(acc) * keys.to(acc)).sum(1) * scale
+        partial = col_loss + first
+        positives = (query.to(acc) * keys.index_select(0, target).to(acc)).sum(1) * scale
+        own = row_loss.sum() - positives.sum()
+    else:  # no rows here: no row term, and an empty part of every column's softmax
+        partial = torch.full((total,), float("-inf"), dtype=acc, device=query.device)
+        own = (keys.sum() * 0 + query.sum() * 0).to(acc) + scale * 0  # every leaf in the graph, as elsewhere
+    if unpermute is not None:
+        partial = partial.index_select(0, unpermute)
+    stacked = _dist.gather_replicated(partial, world.group)
+    columns = torch.logsumexp(stacked, 0).sum()
+    return own + _ScaleGradient.apply(columns, float(world.size)) / world.size
+
+
 def _supcon_all_gather(rows: _Rows, query, keys, scale, key_labels, impl) -> torch.Tensor:
     """SupCon's rows against the gathered keys in self-first order, through the InfoNCE kernel (the SupCon mode of
     the kernels needs a square block): lse_i over j ≠ i is the kernel's row loss with exclude_self plus the score
@@ -711,6 +774,15 @@ def _info_nce_family(
     if symmetric and schedule == "ring":  # one ring: each block's row and column terms at once
         spec = _RingSpec(row_problem, world, col_target=torch.argsort(target_all), row_start=n_off)
         terms, col_terms = _Ring.apply(query, key, s, s.new_zeros(()).detach(), spec)
+    elif (
+        symmetric
+        and reduction != "none"
+        and impl != "reference"
+        and (impl == "cpu" or (labels is None and not (exclude_self and 1 in n_sizes)))
+    ):  # one block per rank (the same choice on every rank: it decides the collectives)
+        part = _symmetric_all_gather(row_problem, query, key, s, impl, world)
+        total = _dist.all_reduce_sum(0.5 * part, world.group, world.size)
+        return total / n_all if reduction == "mean" else total
     elif symmetric:  # this rank's keys' column terms: the transposed problem against every query
         terms = _rows_terms(row_problem, query, key, s, None, schedule, impl, world)
         col_target = torch.argsort(target_all)
