@@ -157,11 +157,21 @@ static INFOFUSE_INLINE void row_grad_impl(T* __restrict z, const T* __restrict w
 template <typename T>
 static INFOFUSE_INLINE void row_grad_entropy_impl(T* __restrict z, const T* __restrict w, index_t v, T lse, T a,
                                                   T c, T e, T h, const T* __restrict slope) {
+  // four loops with the branches outside, so that each vectorises (as row_grad_impl's)
+  if (slope != nullptr) {
+    if (w == nullptr) {
 #pragma omp simd
-  for (index_t j = 0; j < v; ++j) {
-    const T p = exp_fast(z[j] - lse);
-    const T g = p * (a - e * (z[j] - h)) - c * (w ? w[j] : T(1));
-    z[j] = slope ? g * slope[j] : g;
+      for (index_t j = 0; j < v; ++j) z[j] = (exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c) * slope[j];
+    } else {
+#pragma omp simd
+      for (index_t j = 0; j < v; ++j) z[j] = (exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c * w[j]) * slope[j];
+    }
+  } else if (w == nullptr) {
+#pragma omp simd
+    for (index_t j = 0; j < v; ++j) z[j] = exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c;
+  } else {
+#pragma omp simd
+    for (index_t j = 0; j < v; ++j) z[j] = exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c * w[j];
   }
 }
 
