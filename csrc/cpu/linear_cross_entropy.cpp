@@ -47,7 +47,7 @@ Options make_options(int64_t reduction, int64_t ignore_index, double label_smoot
                     chunk_size.value_or(0));
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite float > 0, got ",
                     temperature);
-  return {reduction,  ignore_index, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size.value_or(0),
+  return {reduction,   ignore_index, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size.value_or(0),
           temperature, entropy};
 }
 
@@ -131,7 +131,7 @@ struct RowGradScale {
   int64_t ce_stride = 0;
   acc_t ce_scale = 1;
   acc_t z_scale = 1;
-  const acc_t* lse_grad = nullptr;  // gradient of the returned lse, or null
+  const acc_t* lse_grad = nullptr;      // gradient of the returned lse, or null
   const acc_t* entropy_grad = nullptr;  // gradient of the returned entropy, or null
   const acc_t* entropy = nullptr;       // the forward's entropy (read with entropy_grad)
 };
@@ -354,19 +354,19 @@ void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std:
     at::Tensor z = buffer.narrow(0, 0, rows);
     const at::Tensor x_chunk = x.narrow(0, r0, rows);
     chunk_logits(z, x_chunk, linear_weight, linear_bias);
-    fused_rows<scalar_t, acc_t>(z.data_ptr<scalar_t>(), r0, rows, v, target, w, opt, stats, forward, lse, ce, zl,
-                                ent, argmax, grads != nullptr, gs);
+    fused_rows<scalar_t, acc_t>(z.data_ptr<scalar_t>(), r0, rows, v, target, w, opt, stats, forward, lse, ce, zl, ent,
+                                argmax, grads != nullptr, gs);
     if (grads != nullptr) grads->add(z, x_chunk, linear_weight, r0);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-linear_cross_entropy_forward(
-    const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
-    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
-    std::optional<int64_t> chunk_size, bool grad_input, bool grad_weight, bool grad_bias, bool want_argmax,
-    double temperature, bool want_entropy) {
+linear_cross_entropy_forward(const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
+                             const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing, double z_loss,
+                             std::optional<double> softcap, std::optional<int64_t> chunk_size, bool grad_input,
+                             bool grad_weight, bool grad_bias, bool want_argmax, double temperature,
+                             bool want_entropy) {
   const Options opt =
       make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size, temperature, want_entropy);
   check_args(input, linear_weight, target, linear_bias, weight, opt);

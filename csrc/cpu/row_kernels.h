@@ -155,8 +155,8 @@ static INFOFUSE_INLINE void row_grad_impl(T* __restrict z, const T* __restrict w
 // row_grad with the entropy's term: g_j = (p_j·(a − e·(z_j − h)) − c·w_j) · (slope ? slope_j : 1), where
 // p_j = exp(z_j − lse) and h = lse − H: −e·p_j·(z_j − lse + H) is e times the gradient of H with respect to z_j.
 template <typename T>
-static INFOFUSE_INLINE void row_grad_entropy_impl(T* __restrict z, const T* __restrict w, index_t v, T lse, T a,
-                                                  T c, T e, T h, const T* __restrict slope) {
+static INFOFUSE_INLINE void row_grad_entropy_impl(T* __restrict z, const T* __restrict w, index_t v, T lse, T a, T c,
+                                                  T e, T h, const T* __restrict slope) {
   // four loops with the branches outside, so that each vectorises (as row_grad_impl's)
   if (slope != nullptr) {
     if (w == nullptr) {
@@ -217,12 +217,12 @@ static void row_grad(double* z, const double* w, index_t v, double lse, double a
   row_grad_impl(z, w, v, lse, a, c, slope);
 }
 
-INFOFUSE_CLONES static void row_grad_entropy(float* z, const float* w, index_t v, float lse, float a, float c,
-                                             float e, float h, const float* slope) {
+INFOFUSE_CLONES static void row_grad_entropy(float* z, const float* w, index_t v, float lse, float a, float c, float e,
+                                             float h, const float* slope) {
   row_grad_entropy_impl(z, w, v, lse, a, c, e, h, slope);
 }
-static void row_grad_entropy(double* z, const double* w, index_t v, double lse, double a, double c, double e,
-                             double h, const double* slope) {
+static void row_grad_entropy(double* z, const double* w, index_t v, double lse, double a, double c, double e, double h,
+                             const double* slope) {
   row_grad_entropy_impl(z, w, v, lse, a, c, e, h, slope);
 }
 
