@@ -13,10 +13,11 @@ slice rounded once into the bf16/fp16 gradient. Neither a V×D nor an N×D float
 is at most WORKSPACE_BYTES plus O(N + V) floats. The dW pass may skip the products of tiles whose softmax entries
 are all below ``filter_eps`` (LM-like logits: most of the vocabulary's tail).
 
-Temperature and entropy: the logits are ℓ = ẑ·(1/T) in every pass (``inv_temp``; the caller folds the 1/T of
-dℓ/dẑ into the coefficients). With WANT_ENTROPY the forward keeps a third online sum per row and slice,
-Σ exp(ℓ − m)·(ℓ − m), merged across slices like s; with HAS_ENTROPY the gradient tile gains −e·p·(ℓ − h) from two
-more per-row vectors (e the entropy's upstream gradient times 1/T, h = lse − H). Both are constexpr flags.
+Temperature and entropy: the logits are ℓ = ẑ·(1/T) in every pass (``inv_temp``, behind the constexpr
+HAS_TEMPERATURE; the caller folds the 1/T of dℓ/dẑ into the coefficients). With WANT_ENTROPY the forward keeps a
+third online sum per row and slice, Σ exp(ℓ − m)·(ℓ − m), merged across slices like s; with HAS_ENTROPY the
+gradient tile gains −e·p·(ℓ − h) from two more per-row vectors (e the entropy's upstream gradient times 1/T,
+h = lse − H). All three are constexpr flags: without them the kernels are the plain cross-entropy ones.
 
 Row and column offsets are int64: N·D, V·D and N·V may pass 2³¹.
 """
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_block, logit_tile, softcap_slope, softcapped
+from ._common import dot_block, logit_tile, softcap_slope, softcapped, tempered
 
 __all__ = ["lce_fused_grads", "lce_fused_partials"]
 
@@ -59,6 +60,7 @@ def _lce_fused_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
     WANT_ARGMAX: tl.constexpr,
@@ -103,7 +105,7 @@ def _lce_fused_fwd_kernel(
             BLOCK_V,
             BLOCK_D,
         )
-        z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP) * inv_temp, 0.0)
+        z = tl.where(col_mask[None, :], tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z_max, axis=1)
         if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
@@ -160,6 +162,7 @@ def _grad_tile(
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -189,7 +192,7 @@ def _grad_tile(
         BLOCK_D,
     )
     z_raw = z
-    z = softcapped(z, softcap, HAS_SOFTCAP) * inv_temp
+    z = tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
@@ -244,6 +247,7 @@ def _lce_fused_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     IEEE: tl.constexpr,
     OWN_ROWS: tl.constexpr,
@@ -309,6 +313,7 @@ def _lce_fused_bwd_kernel(
             HAS_BIAS,
             HAS_WEIGHT,
             HAS_SOFTCAP,
+            HAS_TEMPERATURE,
             HAS_ENTROPY,
             IEEE,
             DOT_F32,
@@ -416,6 +421,7 @@ def lce_fused_partials(
         HAS_BIAS=b is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         IEEE=x.dtype == torch.float32,
         WANT_ARGMAX=want_argmax,
         WANT_ENTROPY=want_entropy,
@@ -492,6 +498,7 @@ def lce_fused_grads(
         "HAS_BIAS": b is not None,
         "HAS_WEIGHT": weight is not None,
         "HAS_SOFTCAP": bool(softcap),
+        "HAS_TEMPERATURE": float(temperature) != 1.0,
         "HAS_ENTROPY": has_entropy,
         "IEEE": x.dtype == torch.float32,
         "COUNT": counts is not None,

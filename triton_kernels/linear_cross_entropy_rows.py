@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import softcap_slope, softcapped
+from ._common import softcap_slope, softcapped, tempered
 
 __all__ = ["linear_cross_entropy_rows"]
 
@@ -58,6 +58,7 @@ def _lce_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     HAS_LSE_GRAD: tl.constexpr,
     WANT_ARGMAX: tl.constexpr,
     WANT_ENTROPY: tl.constexpr,
@@ -86,7 +87,9 @@ def _lce_rows_kernel(
             cols = v0 + cols0
             mask = cols < V
             z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, softcapped(z, softcap, HAS_SOFTCAP) * inv_temp, 0.0)  # finite everywhere
+            z = tl.where(
+                mask, tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE), 0.0
+            )  # finite everywhere
             z_max = tl.where(mask, z, float("-inf"))
             tile_max = tl.max(z_max, axis=0)
             if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
@@ -135,7 +138,7 @@ def _lce_rows_kernel(
             cols = v0 + cols0
             mask = cols < V
             z_raw = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = softcapped(z_raw, softcap, HAS_SOFTCAP) * inv_temp
+            z = tempered(softcapped(z_raw, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:
@@ -228,6 +231,7 @@ def linear_cross_entropy_rows(
         WRITE_GRAD=grad is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         HAS_LSE_GRAD=lse_grad is not None,
         WANT_ARGMAX=forward and argmax is not None,
         WANT_ENTROPY=forward and entropy is not None,
