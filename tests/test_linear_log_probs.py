@@ -105,7 +105,7 @@ def test_log_probs_alone_and_module(impl):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_graded_against_pytorch(impl, dtype):
     """bf16/fp16 inputs: error against the float64 truth within 2x PyTorch's own at the same dtype."""
-    x, w, t, b = make_inputs((96,), 48, 211, dtype=dtype, seed=5, noncontig=True)
+    x, w, t, b = make_inputs((64,), 40, 150, dtype=dtype, seed=5, noncontig=True)
     opts = {"temperature": 0.9, "softcap": 6.0}
     ours = run(linear_log_probs, x, w, t, b, impl=impl, **opts)
     same = run(same_dtype_fn, x, w, t, b, **opts)
@@ -117,14 +117,13 @@ def test_low_precision_graded_against_pytorch(impl, dtype):
 
 
 def test_gradcheck_float64():
-    x, w, t, b = make_inputs((6,), 5, 11, seed=6)
+    x, w, t, b = make_inputs((5,), 4, 9, seed=6)
     x, w, b = (a.requires_grad_() for a in (x, w, b))
-    for opts in ({"temperature": 0.6}, {"softcap": 2.0, "temperature": 1.3}):
 
-        def fn(x_, w_, b_, opts=opts):
-            return linear_log_probs(x_, w_, t, b_, return_entropy=True, impl="cpu", **opts)
+    def fn(x_, w_, b_):
+        return linear_log_probs(x_, w_, t, b_, softcap=2.0, temperature=1.3, return_entropy=True, impl="cpu")
 
-        assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("impl", ["cpu", "chunked"])
