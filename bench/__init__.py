@@ -14,6 +14,7 @@ __all__ = ["case_names", "get_case"]
 # op name -> module in this package that defines ``CASE``
 _CASES = {
     "linear_cross_entropy": "linear_cross_entropy",
+    "linear_log_probs": "linear_log_probs",
     "info_nce": "info_nce",
     "knn_entropy": "knn",
 }

@@ -264,6 +264,53 @@ def test_options_reach_linear_cross_entropy():
     assert rel_err(out.loss, want) <= TOL
 
 
+def test_grpo_step_with_log_probs_without_logits():
+    """A GRPO-style step on hf.log_probs (linear_log_probs on the decoder's hidden states and lm_head): log-probs,
+    entropy and every parameter's gradient of a clipped objective as from the stock logits; the head runs on zero
+    positions."""
+    model = small_llama()
+    model.train()
+    ids, mask, labels = batch()
+    advantages = torch.tensor([0.8, -1.3])
+    temperature, clip, beta = 0.7, 0.2, 0.01
+
+    def objective(logp, entropy, old):
+        valid = (torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:] != -100).float()
+        ratio = torch.exp(logp - old)
+        clipped = torch.clamp(ratio, 1 - clip, 1 + clip)
+        per_token = -torch.min(ratio * advantages[:, None], clipped * advantages[:, None]) - beta * entropy
+        return (per_token * valid).sum() / valid.sum()
+
+    # stock: the full logits
+    logits = model(input_ids=ids, attention_mask=mask).logits.float() / temperature
+    log_p = torch.log_softmax(logits[:, :-1], -1)
+    target = labels[:, 1:]
+    picked = log_p.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    ref_logp = torch.nn.functional.pad(torch.where(target != -100, picked, 0.0), (0, 1))
+    ref_ent = torch.nn.functional.pad(torch.where(target != -100, -(log_p.exp() * log_p).sum(-1), 0.0), (0, 1))
+    old = (ref_logp.detach() - 0.1 * torch.arange(7.0)).clone()  # a policy one step behind
+    objective(ref_logp, ref_ent, old).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    hf.patch(model, impl="cpu")
+    head_positions = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: head_positions.append(out.shape[-2]))
+    try:
+        logp, ent = hf.log_probs(model, ids, labels, attention_mask=mask, temperature=temperature, return_entropy=True)
+    finally:
+        hook.remove()
+    assert head_positions == [0], head_positions  # the stock head ran on no position: no logits
+    assert logp.shape == ids.shape and ent.shape == ids.shape
+    assert rel_err(logp, ref_logp) <= TOL and rel_err(ent, ref_ent) <= TOL
+    objective(logp, ent, old).backward()
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref_grads[n]) <= 1e-5, n
+    hf.unpatch(model)
+    with pytest.raises(ValueError, match="needs a patched model"):
+        hf.log_probs(model, ids, labels)
+
+
 def test_bad_input():
     model = small_llama()
     with pytest.raises(TypeError, match="unknown options"):

@@ -16,6 +16,14 @@ def softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def tempered(z, inv_temp, HAS_TEMPERATURE: tl.constexpr):
+    """z / T (``inv_temp`` = 1/T) where HAS_TEMPERATURE, else z: temperature 1 compiles to nothing."""
+    if HAS_TEMPERATURE:
+        z = z * inv_temp
+    return z
+
+
+@triton.jit
 def softcap_slope(z, softcap):
     """d/dz cap·tanh(z/cap) = 1 − tanh²(z/cap) of the raw logit z, in float32.
 

@@ -13,6 +13,12 @@ slice rounded once into the bf16/fp16 gradient. Neither a V×D nor an N×D float
 is at most WORKSPACE_BYTES plus O(N + V) floats. The dW pass may skip the products of tiles whose softmax entries
 are all below ``filter_eps`` (LM-like logits: most of the vocabulary's tail).
 
+Temperature and entropy: the logits are ℓ = ẑ·(1/T) in every pass (``inv_temp``, behind the constexpr
+HAS_TEMPERATURE; the caller folds the 1/T of dℓ/dẑ into the coefficients). With WANT_ENTROPY the forward keeps a
+third online sum per row and slice, Σ exp(ℓ − m)·(ℓ − m), merged across slices like s; with HAS_ENTROPY the
+gradient tile gains −e·p·(ℓ − h) from two more per-row vectors (e the entropy's upstream gradient times 1/T,
+h = lse − H). All three are constexpr flags: without them the kernels are the plain cross-entropy ones.
+
 Row and column offsets are int64: N·D, V·D and N·V may pass 2³¹.
 """
 
@@ -22,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_block, logit_tile, softcap_slope, softcapped
+from ._common import dot_block, logit_tile, softcap_slope, softcapped, tempered
 
 __all__ = ["lce_fused_grads", "lce_fused_partials"]
 
@@ -39,6 +45,7 @@ def _lce_fused_fwd_kernel(
     zt_ptr,
     wz_ptr,
     am_ptr,
+    ts_ptr,
     N,
     V,
     D,
@@ -48,13 +55,16 @@ def _lce_fused_fwd_kernel(
     stride_wv,
     stride_wd,
     softcap,
+    inv_temp,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
     WANT_ARGMAX: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -70,6 +80,7 @@ def _lce_fused_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     zt = tl.zeros((BLOCK_N,), tl.float32)
     wz = tl.zeros((BLOCK_N,), tl.float32)
+    ts = tl.zeros((BLOCK_N,), tl.float32)  # Σ exp(ℓ − m)·(ℓ − m), relative to the running max like s
     am = tl.zeros((BLOCK_N,), tl.int64) + v_start  # first column of each row's running maximum
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -94,13 +105,18 @@ def _lce_fused_fwd_kernel(
             BLOCK_V,
             BLOCK_D,
         )
-        z = tl.where(col_mask[None, :], softcapped(z, softcap, HAS_SOFTCAP), 0.0)
+        z = tl.where(col_mask[None, :], tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE), 0.0)
         z_max = tl.where(col_mask[None, :], z, float("-inf"))
         tile_max = tl.max(z_max, axis=1)
         if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
             am = tl.where(tile_max > m, v0 + tl.argmax(z_max, axis=1).to(tl.int64), am)
         m_new = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new[:, None]), axis=1)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z_max - m_new[:, None])
+        if WANT_ENTROPY:  # Σ e^{ℓ−m}(ℓ − m') = α·(t + (m − m')·s); the first tile has s = t = 0 and m = −inf
+            shift = (tl.where(s > 0.0, m, m_new) - m_new) * s  # no −inf·0 on the first tile
+            ts = alpha * (ts + shift) + tl.sum(tl.where(col_mask[None, :], e * (z - m_new[:, None]), 0.0), axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == t[:, None], z, 0.0), axis=1)
         if HAS_WEIGHT:
@@ -115,6 +131,8 @@ def _lce_fused_fwd_kernel(
     tl.store(wz_ptr + out, wz, mask=row_mask)
     if WANT_ARGMAX:
         tl.store(am_ptr + out, am, mask=row_mask)
+    if WANT_ENTROPY:
+        tl.store(ts_ptr + out, ts, mask=row_mask)
 
 
 @triton.jit
@@ -128,6 +146,8 @@ def _grad_tile(
     a_ptr,
     b_coef_ptr,
     c_ptr,
+    e_ptr,
+    h_ptr,
     rows,
     cols,
     row_mask,
@@ -138,9 +158,12 @@ def _grad_tile(
     stride_wv,
     stride_wd,
     softcap,
+    inv_temp,
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     IEEE: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -169,7 +192,7 @@ def _grad_tile(
         BLOCK_D,
     )
     z_raw = z
-    z = softcapped(z, softcap, HAS_SOFTCAP)
+    z = tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE)
     t = tl.load(target_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     a = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
@@ -182,6 +205,10 @@ def _grad_tile(
     p = tl.exp(z - lse[:, None])
     g = a[:, None] * p + b[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
     g -= c[:, None] * w_col[None, :]
+    if HAS_ENTROPY:
+        e = tl.load(e_ptr + rows, mask=row_mask, other=0.0)
+        h = tl.load(h_ptr + rows, mask=row_mask, other=0.0)
+        g -= e[:, None] * p * (z - h[:, None])
     if HAS_SOFTCAP:
         g = g * softcap_slope(z_raw, softcap)
     return tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
@@ -198,6 +225,8 @@ def _lce_fused_bwd_kernel(
     a_ptr,
     b_coef_ptr,
     c_ptr,
+    e_ptr,
+    h_ptr,
     out_ptr,
     db_ptr,
     count_ptr,
@@ -212,11 +241,14 @@ def _lce_fused_bwd_kernel(
     stride_wv,
     stride_wd,
     softcap,
+    inv_temp,
     filter_eps,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     IEEE: tl.constexpr,
     OWN_ROWS: tl.constexpr,
     WANT_OUT: tl.constexpr,
@@ -265,6 +297,8 @@ def _lce_fused_bwd_kernel(
             a_ptr,
             b_coef_ptr,
             c_ptr,
+            e_ptr,
+            h_ptr,
             rows,
             cols,
             row_mask,
@@ -275,9 +309,12 @@ def _lce_fused_bwd_kernel(
             stride_wv,
             stride_wd,
             softcap,
+            inv_temp,
             HAS_BIAS,
             HAS_WEIGHT,
             HAS_SOFTCAP,
+            HAS_TEMPERATURE,
+            HAS_ENTROPY,
             IEEE,
             DOT_F32,
             BLOCK_N,
@@ -327,12 +364,25 @@ def _blocks(x: torch.Tensor) -> dict:
     return {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "DOT_F32": x.dtype != torch.float32}
 
 
-def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None = None, want_argmax: bool = False):
-    """Per-slice online states ``(m, s, zt, wz)``, each (splits, N) float32, over vocabulary slices, and with
-    ``want_argmax`` a fifth, (splits, N) int64: each slice's first column of its largest (softcapped) logit.
+def lce_fused_partials(
+    x,
+    w,
+    b,
+    target,
+    weight,
+    softcap,
+    *,
+    splits: int | None = None,
+    want_argmax: bool = False,
+    temperature: float = 1.0,
+    want_entropy: bool = False,
+):
+    """Per-slice online states ``(m, s, zt, wz)``, each (splits, N) float32, over vocabulary slices of the logits
+    ℓ = ẑ/T; with ``want_argmax`` then (splits, N) int64, each slice's first column of its largest logit; with
+    ``want_entropy`` last (splits, N) float32 ``t`` = Σ exp(ℓ − m)·(ℓ − m) over the slice.
 
     Merge with ``lse = M + log Σ s·exp(m − M)``, ``zt = Σ zt``, ``wz = Σ wz`` over slices; the argmax is that of
-    the first slice whose m is M.
+    the first slice whose m is M; ``T = Σ exp(m − M)·(t + (m − M)·s)`` and the entropy is ``log S − T/S``.
     """
     n, d = x.shape
     v = w.shape[0]
@@ -346,6 +396,8 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
     out = [torch.empty((splits, n), dtype=torch.float32, device=x.device) for _ in range(4)]
     if want_argmax:
         out.append(torch.empty((splits, n), dtype=torch.int64, device=x.device))
+    if want_entropy:
+        out.append(torch.empty((splits, n), dtype=torch.float32, device=x.device))
     grid = (triton.cdiv(n, meta["BLOCK_N"]), splits)
     _lce_fused_fwd_kernel[grid](
         x,
@@ -355,6 +407,7 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
         weight if weight is not None else x,
         *out[:4],
         out[4] if want_argmax else out[0],
+        out[-1] if want_entropy else out[0],
         n,
         v,
         d,
@@ -364,11 +417,14 @@ def lce_fused_partials(x, w, b, target, weight, softcap, *, splits: int | None =
         w.stride(0),
         w.stride(1),
         float(softcap) if softcap else 1.0,
+        1.0 / float(temperature),
         HAS_BIAS=b is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         IEEE=x.dtype == torch.float32,
         WANT_ARGMAX=want_argmax,
+        WANT_ENTROPY=want_entropy,
         **meta,
     )
     return out
@@ -405,6 +461,9 @@ def lce_fused_grads(
     deterministic=False,
     filter_eps=0.0,
     counts=None,
+    temperature=1.0,
+    coef_e=None,
+    coef_h=None,
 ):
     """(grad_input, grad_weight, grad_bias) from per-row coefficients (None where not wanted).
 
@@ -413,7 +472,9 @@ def lce_fused_grads(
     float32 and rounded once (through a float32 slice of at most WORKSPACE_BYTES for bf16/fp16); db in float32.
     ``deterministic``: one program per output block, a fixed order, no atomics (bitwise reproducible; fewer
     programs). ``filter_eps`` > 0 skips dW tile products below it (``default_filter_eps``); ``counts``, an int32
-    tensor of 2 zeros, receives (skipped tiles, filtered tiles) of the dW pass.
+    tensor of 2 zeros, receives (skipped tiles, filtered tiles) of the dW pass. ``temperature`` divides the
+    (softcapped) logits (the coefficients already carry its 1/T); ``coef_e``, ``coef_h`` (N,) float32 add the
+    entropy's term −e·p·(ℓ − h) (the filter is then off: that term is not bounded by |a + b|).
     """
     n, d = x.shape
     v = w.shape[0]
@@ -426,16 +487,28 @@ def lce_fused_grads(
             if out is not None:
                 out.zero_()
         return dx, dw, db
-    common = (x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b, coef_c)
+    has_entropy = coef_e is not None
+    if has_entropy:
+        filter_eps = 0.0
+    common = (
+        *(x, w, b if b is not None else x, target, weight if weight is not None else x, lse, coef_a, coef_b, coef_c),
+        *((coef_e, coef_h) if has_entropy else (lse, lse)),
+    )
     flags = {
         "HAS_BIAS": b is not None,
         "HAS_WEIGHT": weight is not None,
         "HAS_SOFTCAP": bool(softcap),
+        "HAS_TEMPERATURE": float(temperature) != 1.0,
+        "HAS_ENTROPY": has_entropy,
         "IEEE": x.dtype == torch.float32,
         "COUNT": counts is not None,
         **meta,
     }
-    scalars = (*(x.stride(0), x.stride(1), w.stride(0), w.stride(1)), float(softcap) if softcap else 1.0)
+    scalars = (
+        *(x.stride(0), x.stride(1), w.stride(0), w.stride(1)),
+        float(softcap) if softcap else 1.0,
+        1.0 / float(temperature),
+    )
     programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     passes = []
     if want_dx:

@@ -7,7 +7,12 @@ to the (pre-softcap) logits over the row:
 
     g_j = (a·p_j + b·(p_j − [j = t]) − c·w_j) · (softcap ? 1 − tanh²(z_j/cap) : 1),   p_j = exp(ẑ_j − lse)
 
-with a = g_ce·ε/V·Σw + g_z·2λ·lse + g_lse, b = g_ce·(1−ε)·w_t, c = g_ce·ε/V (MATH.md). The target's term is
+with a = g_ce·ε/V·Σw + g_z·2λ·lse + g_lse, b = g_ce·(1−ε)·w_t, c = g_ce·ε/V (MATH.md). With a temperature T the
+logits are ℓ = ẑ/T throughout (lse, p, the loss terms) and every coefficient carries the 1/T of dℓ/dẑ. With
+WANT_ENTROPY the forward also keeps Σ exp(ℓ − m)·(ℓ − m) beside the sum of exps (rescaled like it as the running
+max m moves) and stores the row's entropy H = log s − t/s (0 at ignored rows); with HAS_ENTROPY_GRAD the gradient
+gains −e·p_j·(ℓ_j − lse + H), e the entropy's upstream gradient (0 at ignored rows). Both flags are constexpr:
+without them the kernel is the plain cross-entropy one. The target's term is
 b·(p_t − 1) + a·p_t, not (a + b)·p_t − b: where p_t rounds to 1 (one class, or a certain row) the cross-entropy
 part is exactly 0 and the z-loss part keeps its precision. All arithmetic is float32 whatever the logits' dtype.
 Row offsets are int64 (rows·V can pass 2³¹).
@@ -19,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import softcap_slope, softcapped
+from ._common import softcap_slope, softcapped, tempered
 
 __all__ = ["linear_cross_entropy_rows"]
 
@@ -36,6 +41,8 @@ def _lce_rows_kernel(
     ce_ptr,
     zl_ptr,
     argmax_ptr,
+    ent_ptr,
+    ent_grad_ptr,
     row0,
     V,
     stride_zn,
@@ -45,13 +52,17 @@ def _lce_rows_kernel(
     eps,
     z_loss,
     softcap,
+    inv_temp,
     # meta-parameters
     FORWARD: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     HAS_LSE_GRAD: tl.constexpr,
     WANT_ARGMAX: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
@@ -68,6 +79,7 @@ def _lce_rows_kernel(
     if FORWARD:
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.zeros((), tl.float32)
+        ts = tl.zeros((), tl.float32)  # Σ exp(ℓ − m)·(ℓ − m), relative to the running max like s
         z_t = tl.zeros((), tl.float32)
         wz = tl.zeros((BLOCK_V,), tl.float32)  # Σ_j w_j·ẑ_j, lane by lane
         am = tl.zeros((), tl.int64)  # first column of the running maximum
@@ -75,13 +87,20 @@ def _lce_rows_kernel(
             cols = v0 + cols0
             mask = cols < V
             z = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = tl.where(mask, softcapped(z, softcap, HAS_SOFTCAP), 0.0)  # finite everywhere
+            z = tl.where(
+                mask, tempered(softcapped(z, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE), 0.0
+            )  # finite everywhere
             z_max = tl.where(mask, z, float("-inf"))
             tile_max = tl.max(z_max, axis=0)
             if WANT_ARGMAX:  # a later tile takes over only with a strictly larger maximum: the first index wins
                 am = tl.where(tile_max > m, v0 + tl.argmax(z_max, axis=0).to(tl.int64), am)
             m_new = tl.maximum(m, tile_max)
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z_max - m_new), axis=0)
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z_max - m_new)
+            if WANT_ENTROPY:  # Σ e^{ℓ−m}(ℓ − m') = α·(t + (m − m')·s); the first tile has s = t = 0 and m = −inf
+                shift = (tl.where(s > 0.0, m, m_new) - m_new) * s  # no −inf·0 on the first tile
+                ts = alpha * (ts + shift) + tl.sum(tl.where(mask, e * (z - m_new), 0.0), axis=0)
+            s = s * alpha + tl.sum(e, axis=0)
             m = m_new
             z_t += tl.sum(tl.where(cols == t, z, 0.0), axis=0)
             if HAS_WEIGHT:
@@ -96,6 +115,8 @@ def _lce_rows_kernel(
         ce = tl.where(valid, ce, 0.0)
         tl.store(ce_ptr + row, ce)
         tl.store(zl_ptr + row, tl.where(valid, z_loss * lse * lse, 0.0))
+        if WANT_ENTROPY:
+            tl.store(ent_ptr + row, tl.where(valid, tl.log(s) - ts / s, 0.0))
     else:
         lse = tl.load(lse_ptr + row).to(tl.float32)
 
@@ -107,19 +128,25 @@ def _lce_rows_kernel(
         a = g_ce * eps / V * weight_all + g_z * 2.0 * z_loss * lse
         if HAS_LSE_GRAD:
             a += tl.load(lse_grad_ptr + row).to(tl.float32)
-        b = g_ce * (1.0 - eps) * w_t
-        c = g_ce * eps / V
+        a = a * inv_temp  # dℓ/dẑ = 1/T, folded into the coefficients
+        b = g_ce * (1.0 - eps) * w_t * inv_temp
+        c = g_ce * eps / V * inv_temp
+        if HAS_ENTROPY_GRAD:
+            e_h = tl.where(valid, tl.load(ent_grad_ptr + row).to(tl.float32), 0.0) * inv_temp
+            h = lse - tl.load(ent_ptr + row).to(tl.float32)  # lse − H
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             mask = cols < V
             z_raw = tl.load(z_row + cols * stride_zv, mask=mask, other=0.0).to(tl.float32)
-            z = softcapped(z_raw, softcap, HAS_SOFTCAP)
+            z = tempered(softcapped(z_raw, softcap, HAS_SOFTCAP), inv_temp, HAS_TEMPERATURE)
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             else:
                 w = 1.0
             p = tl.exp(z - lse)
             g = a * p + b * (p - tl.where(cols == t, 1.0, 0.0)) - c * w
+            if HAS_ENTROPY_GRAD:
+                g -= e_h * p * (z - h)
             if HAS_SOFTCAP:
                 g = g * softcap_slope(z_raw, softcap)
             tl.store(z_row + cols * stride_zv, g.to(z_ptr.dtype.element_ty), mask=mask)
@@ -143,6 +170,9 @@ def linear_cross_entropy_rows(
     grad: torch.Tensor | None = None,
     lse_grad: torch.Tensor | None = None,
     argmax: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> None:
     """Run the row pass over the chunk ``z`` (rows, V), whose row i is global row ``row0 + i``.
 
@@ -152,6 +182,9 @@ def linear_cross_entropy_rows(
     terms); otherwise read ``lse``. With ``grad`` (the upstream gradient: one element, or (N,) per row) the chunk
     is overwritten by dLoss/dlogits; ``lse_grad`` (N,) adds the gradient flowing into the returned lse. With
     ``forward``, ``argmax`` (N,) int64 receives each row's first column of the largest (softcapped) logit.
+    ``temperature`` divides the (softcapped) logits. ``entropy`` (N,) float32: with ``forward``, receives each
+    row's entropy; with ``entropy_grad`` (N,) float32 (not forward), the saved entropies, and the gradient flowing
+    into them is added to the chunk's.
     """
     rows, v = z.shape
     assert target.dtype == torch.int64 and target.is_contiguous()
@@ -182,6 +215,8 @@ def linear_cross_entropy_rows(
         ce if ce is not None else dummy,
         zl if zl is not None else dummy,
         argmax if argmax is not None else dummy,
+        entropy if entropy is not None else dummy,
+        entropy_grad if entropy_grad is not None else dummy,
         row0,
         v,
         z.stride(0),
@@ -191,12 +226,16 @@ def linear_cross_entropy_rows(
         float(label_smoothing),
         float(z_loss),
         float(softcap) if softcap else 1.0,
+        1.0 / float(temperature),
         FORWARD=forward,
         WRITE_GRAD=grad is not None,
         HAS_WEIGHT=weight is not None,
         HAS_SOFTCAP=bool(softcap),
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         HAS_LSE_GRAD=lse_grad is not None,
         WANT_ARGMAX=forward and argmax is not None,
+        WANT_ENTROPY=forward and entropy is not None,
+        HAS_ENTROPY_GRAD=not forward and entropy_grad is not None and grad is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

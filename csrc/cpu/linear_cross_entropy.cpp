@@ -35,14 +35,20 @@ struct Options {
   double z_loss;
   double softcap;      // <= 0: off (the op's None)
   int64_t chunk_size;  // <= 0: chosen here (the op's None)
+  double temperature;  // the logits are ẑ / temperature
+  bool entropy;        // forward: compute each row's entropy; backward: add the entropy's gradient
 };
 
 Options make_options(int64_t reduction, int64_t ignore_index, double label_smoothing, double z_loss,
-                     std::optional<double> softcap, std::optional<int64_t> chunk_size) {
+                     std::optional<double> softcap, std::optional<int64_t> chunk_size, double temperature,
+                     bool entropy) {
   TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, "softcap must be None or > 0, got ", softcap.value_or(0));
   TORCH_CHECK_VALUE(!chunk_size.has_value() || *chunk_size >= 1, "chunk_size must be None or >= 1, got ",
                     chunk_size.value_or(0));
-  return {reduction, ignore_index, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size.value_or(0)};
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite float > 0, got ",
+                    temperature);
+  return {reduction,   ignore_index, label_smoothing, z_loss, softcap.value_or(0.0), chunk_size.value_or(0),
+          temperature, entropy};
 }
 
 struct TargetStats {
@@ -125,22 +131,28 @@ struct RowGradScale {
   int64_t ce_stride = 0;
   acc_t ce_scale = 1;
   acc_t z_scale = 1;
-  const acc_t* lse_grad = nullptr;  // gradient of the returned lse, or null
+  const acc_t* lse_grad = nullptr;      // gradient of the returned lse, or null
+  const acc_t* entropy_grad = nullptr;  // gradient of the returned entropy, or null
+  const acc_t* entropy = nullptr;       // the forward's entropy (read with entropy_grad)
 };
 
 // The fused pass over rows [0, rows) of one chunk (row i of the chunk is global row r0 + i).
-// forward: computes lse (written to lse[r0 + i]) and the unscaled per-row terms ce[r0 + i], zl[r0 + i];
-// otherwise reads lse. With want_grad, overwrites the chunk with dLoss/dlogits (in the chunk's dtype).
+// forward: computes lse (written to lse[r0 + i]) and the unscaled per-row terms ce[r0 + i], zl[r0 + i], and
+// with opt.entropy the row's entropy ent[r0 + i] (0 at ignored rows); otherwise reads lse. With want_grad,
+// overwrites the chunk with dLoss/dlogits (in the chunk's dtype). Everything is of the logits ẑ/T.
 template <typename scalar_t, typename acc_t>
 void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int64_t* target, const acc_t* w,
                 const Options& opt, const TargetStats& stats, bool forward, acc_t* lse, acc_t* ce, acc_t* zl,
-                int64_t* argmax, bool want_grad, const RowGradScale<acc_t>& gs) {
+                acc_t* ent, int64_t* argmax, bool want_grad, const RowGradScale<acc_t>& gs) {
   constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
   const acc_t eps = static_cast<acc_t>(opt.label_smoothing);
   const acc_t eps_v = eps / static_cast<acc_t>(v);
   const acc_t lam = static_cast<acc_t>(opt.z_loss);
   const acc_t cap = static_cast<acc_t>(opt.softcap > 0 ? opt.softcap : 0.0);
   const acc_t w_all = static_cast<acc_t>(stats.weight_all);
+  const bool scaled = opt.temperature != 1.0;  // hoisted: T = 1 costs nothing
+  const acc_t inv_t = static_cast<acc_t>(1.0 / opt.temperature);
+  const bool entropy_grad = want_grad && gs.entropy_grad != nullptr;
 
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch((kInPlace && cap <= 0) ? 0 : v);
@@ -158,6 +170,7 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
       } else if (!kInPlace) {
         for (int64_t j = 0; j < v; ++j) z[j] = static_cast<acc_t>(z_row[j]);
       }
+      if (scaled) row_scale(z, v, inv_t);
       const int64_t t = target[row];
       const bool valid = t != opt.ignore_index;
       const acc_t wt = valid ? (w ? w[t] : acc_t(1)) : acc_t(0);
@@ -171,10 +184,18 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
           while (j < v && !(z[j] == m)) ++j;
           argmax[row] = j < v ? j : 0;
         }
-        const double s = row_sum_exp(z, v, m);
+        double s, h = 0.0;
+        if (opt.entropy) {
+          double t_sum;
+          s = row_sum_exp_entropy(z, v, m, &t_sum);
+          h = std::log(s) - t_sum / s;
+        } else {
+          s = row_sum_exp(z, v, m);
+        }
         const double lse_d = static_cast<double>(m) + std::log(s);
         l = static_cast<acc_t>(lse_d);
         lse[row] = l;
+        if (opt.entropy) ent[row] = valid ? static_cast<acc_t>(h) : acc_t(0);
         double ce_row = 0.0, z_row_loss = 0.0;
         if (valid) {
           ce_row = (1.0 - opt.label_smoothing) * static_cast<double>(wt) * (lse_d - static_cast<double>(zt));
@@ -196,17 +217,25 @@ void fused_rows(scalar_t* chunk, int64_t r0, int64_t rows, int64_t v, const int6
       const acc_t g_ce = valid ? g_up * gs.ce_scale : acc_t(0);
       const acc_t g_z = valid ? g_up * gs.z_scale : acc_t(0);
       const acc_t g_lse = gs.lse_grad ? gs.lse_grad[row] : acc_t(0);
-      // g_j = a·p_j + b·(p_j − [j = t]) − c·w_j: the coefficient of p beyond the target's b, then b itself
-      const acc_t a = g_ce * eps_v * w_all + g_z * acc_t(2) * lam * l + g_lse;
-      const acc_t b = g_ce * (acc_t(1) - eps) * wt;
-      const acc_t c = g_ce * eps_v;
-      row_grad(z, w, v, l, a + b, c, slope);
+      // g_j = a·p_j + b·(p_j − [j = t]) − c·w_j − e·p_j·(ℓ_j − lse + H): the coefficient of p beyond the
+      // target's b, then b itself, with the temperature's 1/T (dℓ/dẑ) folded into every coefficient
+      const acc_t a = (g_ce * eps_v * w_all + g_z * acc_t(2) * lam * l + g_lse) * inv_t;
+      const acc_t b = g_ce * (acc_t(1) - eps) * wt * inv_t;
+      const acc_t c = g_ce * eps_v * inv_t;
+      const acc_t e = entropy_grad && valid ? gs.entropy_grad[row] * inv_t : acc_t(0);
+      const acc_t h = entropy_grad ? l - gs.entropy[row] : acc_t(0);  // lse − H
+      if (entropy_grad) {
+        row_grad_entropy(z, w, v, l, a + b, c, e, h, slope);
+      } else {
+        row_grad(z, w, v, l, a + b, c, slope);
+      }
       if (valid) {
         // The target's entry as b·(p_t − 1) + a·p_t, not (a + b)·p_t − b: where p_t rounds to 1 (one class, a
         // certain row) the cross-entropy part is exactly 0 and the z-loss part keeps its precision.
         const acc_t p_t = std::exp(zt - l);
         const acc_t w_t = w ? w[t] : acc_t(1);
-        z[t] = (a * p_t + b * (p_t - acc_t(1)) - c * w_t) * (slope ? slope[t] : acc_t(1));
+        const acc_t g_t = a * p_t + b * (p_t - acc_t(1)) - c * w_t - e * p_t * (zt - h);
+        z[t] = g_t * (slope ? slope[t] : acc_t(1));
       }
       if (z != reinterpret_cast<acc_t*>(z_row)) {
         for (int64_t j = 0; j < v; ++j) z_row[j] = static_cast<scalar_t>(z[j]);
@@ -314,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> no_grads(const at::Tensor& input,
 template <typename scalar_t, typename acc_t>
 void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
                 const int64_t* target, const acc_t* w, const Options& opt, const TargetStats& stats, int64_t chunk_size,
-                bool forward, acc_t* lse, acc_t* ce, acc_t* zl, int64_t* argmax, GradAccumulator* grads,
+                bool forward, acc_t* lse, acc_t* ce, acc_t* zl, acc_t* ent, int64_t* argmax, GradAccumulator* grads,
                 const RowGradScale<acc_t>& gs) {
   const int64_t n = x.size(0), v = linear_weight.size(0);
   if (n == 0) return;
@@ -325,18 +354,21 @@ void run_chunks(const at::Tensor& x, const at::Tensor& linear_weight, const std:
     at::Tensor z = buffer.narrow(0, 0, rows);
     const at::Tensor x_chunk = x.narrow(0, r0, rows);
     chunk_logits(z, x_chunk, linear_weight, linear_bias);
-    fused_rows<scalar_t, acc_t>(z.data_ptr<scalar_t>(), r0, rows, v, target, w, opt, stats, forward, lse, ce, zl,
+    fused_rows<scalar_t, acc_t>(z.data_ptr<scalar_t>(), r0, rows, v, target, w, opt, stats, forward, lse, ce, zl, ent,
                                 argmax, grads != nullptr, gs);
     if (grads != nullptr) grads->add(z, x_chunk, linear_weight, r0);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
-    const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
-    const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double z_loss, std::optional<double> softcap,
-    std::optional<int64_t> chunk_size, bool grad_input, bool grad_weight, bool grad_bias, bool want_argmax) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_cross_entropy_forward(const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
+                             const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
+                             int64_t reduction, int64_t ignore_index, double label_smoothing, double z_loss,
+                             std::optional<double> softcap, std::optional<int64_t> chunk_size, bool grad_input,
+                             bool grad_weight, bool grad_bias, bool want_argmax, double temperature,
+                             bool want_entropy) {
+  const Options opt =
+      make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size, temperature, want_entropy);
   check_args(input, linear_weight, target, linear_bias, weight, opt);
   const int64_t n = input.size(0), v = linear_weight.size(0);
   const at::Tensor tgt = target.contiguous();
@@ -348,6 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor lse = at::empty({n}, acc_opts);
   at::Tensor ce = at::empty({n}, acc_opts);
   at::Tensor zl = at::empty({n}, acc_opts);
+  at::Tensor entropy = at::empty({want_entropy ? n : 0}, acc_opts);
   at::Tensor loss;
   auto grads = no_grads(input, linear_weight);
 
@@ -363,8 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (want_grads) acc.emplace(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
                                 opt.chunk_size, /*forward=*/true, lse.data_ptr<acc_t>(), ce.data_ptr<acc_t>(),
-                                zl.data_ptr<acc_t>(), want_argmax ? argmax.data_ptr<int64_t>() : nullptr,
-                                acc ? &*acc : nullptr, gs);
+                                zl.data_ptr<acc_t>(), want_entropy ? entropy.data_ptr<acc_t>() : nullptr,
+                                want_argmax ? argmax.data_ptr<int64_t>() : nullptr, acc ? &*acc : nullptr, gs);
     if (acc) grads = acc->finish(input, linear_bias);
 
     if (reduction == kNone) {
@@ -387,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       loss = at::full({}, total, acc_opts);
     }
   });
-  return {loss, lse, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), argmax};
+  return {loss, lse, std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), argmax, entropy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
@@ -395,8 +428,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const at::Tensor& linear_weight, const at::Tensor& target, const std::optional<at::Tensor>& linear_bias,
     const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t reduction, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap, std::optional<int64_t> chunk_size,
-    bool grad_input, bool grad_weight, bool grad_bias) {
-  const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+    bool grad_input, bool grad_weight, bool grad_bias, const std::optional<at::Tensor>& grad_entropy,
+    const std::optional<at::Tensor>& entropy, double temperature) {
+  const bool has_entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
+  const Options opt = make_options(reduction, ignore_index, label_smoothing, z_loss, softcap, chunk_size, temperature,
+                                   has_entropy_grad);
   check_args(input, linear_weight, target, linear_bias, weight, opt);
   const int64_t n = input.size(0), v = linear_weight.size(0);
   const at::ScalarType acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -415,6 +451,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     TORCH_CHECK_VALUE(grad_lse->numel() == n, "grad_lse must have N = ", n, " elements, got ", grad_lse->sizes());
     g_lse = grad_lse->reshape({-1}).to(acc_type).contiguous();
   }
+  at::Tensor g_ent, ent;
+  if (has_entropy_grad) {
+    TORCH_CHECK_VALUE(grad_entropy->numel() == n, "grad_entropy must have N = ", n, " elements, got ",
+                      grad_entropy->sizes());
+    TORCH_CHECK_VALUE(entropy.has_value() && entropy->numel() == n, "entropy (N = ", n,
+                      " values from the forward) must come with grad_entropy");
+    g_ent = grad_entropy->reshape({-1}).to(acc_type).contiguous();
+    ent = entropy->reshape({-1}).to(acc_type).contiguous();
+  }
   const at::Tensor tgt = target.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   auto grads = no_grads(input, linear_weight);
@@ -427,10 +472,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
     const TargetStats stats = scan_targets(tgt.data_ptr<int64_t>(), n, v, ignore_index, w_ptr);
     RowGradScale<acc_t> gs = grad_scale(g.data_ptr<acc_t>(), reduction == kNone ? 1 : 0, reduction, stats);
     gs.lse_grad = g_lse.defined() ? g_lse.data_ptr<acc_t>() : nullptr;
+    gs.entropy_grad = g_ent.defined() ? g_ent.data_ptr<acc_t>() : nullptr;
+    gs.entropy = ent.defined() ? ent.data_ptr<acc_t>() : nullptr;
     GradAccumulator acc(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias);
     run_chunks<scalar_t, acc_t>(input, linear_weight, linear_bias, tgt.data_ptr<int64_t>(), w_ptr, opt, stats,
                                 opt.chunk_size, /*forward=*/false, lse_c.data_ptr<acc_t>(), nullptr, nullptr, nullptr,
-                                &acc, gs);
+                                nullptr, &acc, gs);
     grads = acc.finish(input, linear_bias);
   });
   return grads;

@@ -79,6 +79,35 @@ static INFOFUSE_INLINE double row_sum_exp_impl(const T* __restrict z, index_t v,
   return total;
 }
 
+// Σ_j exp(z_j − m) returned, and Σ_j exp(z_j − m)·(z_j − m) into *t: the entropy of the row's softmax is
+// log s − t/s (each term of t is <= 0 and relative to the row max, so nothing cancels against a large max).
+template <typename T>
+static INFOFUSE_INLINE double row_sum_exp_entropy_impl(const T* __restrict z, index_t v, T m, double* t) {
+  double total = 0.0, total_t = 0.0;
+  for (index_t j0 = 0; j0 < v; j0 += kSumBlock) {
+    const index_t j1 = std::min(v, j0 + kSumBlock);
+    T s = 0, st = 0;
+#pragma omp simd reduction(+ : s, st)
+    for (index_t j = j0; j < j1; ++j) {
+      const T d = z[j] - m;
+      const T e = exp_fast(d);
+      s += e;
+      st += e * d;
+    }
+    total += static_cast<double>(s);
+    total_t += static_cast<double>(st);
+  }
+  *t = total_t;
+  return total;
+}
+
+// z_j *= k (the temperature's 1/T on a row of logits).
+template <typename T>
+static INFOFUSE_INLINE void row_scale_impl(T* __restrict z, index_t v, T k) {
+#pragma omp simd
+  for (index_t j = 0; j < v; ++j) z[j] *= k;
+}
+
 // Σ_j w_j·(m − z_j), every term >= 0 (w_j = 1 where w is null): label smoothing's Σ_j w_j·(lse − z_j) is
 // this plus Σ_j w_j · (lse − m), with no cancellation.
 template <typename T>
@@ -123,6 +152,29 @@ static INFOFUSE_INLINE void row_grad_impl(T* __restrict z, const T* __restrict w
   }
 }
 
+// row_grad with the entropy's term: g_j = (p_j·(a − e·(z_j − h)) − c·w_j) · (slope ? slope_j : 1), where
+// p_j = exp(z_j − lse) and h = lse − H: −e·p_j·(z_j − lse + H) is e times the gradient of H with respect to z_j.
+template <typename T>
+static INFOFUSE_INLINE void row_grad_entropy_impl(T* __restrict z, const T* __restrict w, index_t v, T lse, T a, T c,
+                                                  T e, T h, const T* __restrict slope) {
+  // four loops with the branches outside, so that each vectorises (as row_grad_impl's)
+  if (slope != nullptr) {
+    if (w == nullptr) {
+#pragma omp simd
+      for (index_t j = 0; j < v; ++j) z[j] = (exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c) * slope[j];
+    } else {
+#pragma omp simd
+      for (index_t j = 0; j < v; ++j) z[j] = (exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c * w[j]) * slope[j];
+    }
+  } else if (w == nullptr) {
+#pragma omp simd
+    for (index_t j = 0; j < v; ++j) z[j] = exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c;
+  } else {
+#pragma omp simd
+    for (index_t j = 0; j < v; ++j) z[j] = exp_fast(z[j] - lse) * (a - e * (z[j] - h)) - c * w[j];
+  }
+}
+
 // Softcap of a raw logit: cap·tanh(x/cap) into *capped and its derivative 1 − tanh²(x/cap) into *slope, the
 // derivative as 4e/(1 + e)² with e = exp(−2|x|/cap), accurate to rounding even where tanh saturates (1 − th²
 // from a rounded th keeps no correct digit there).
@@ -140,6 +192,16 @@ static double row_max(const double* z, index_t v) { return row_max_impl(z, v); }
 INFOFUSE_CLONES static double row_sum_exp(const float* z, index_t v, float m) { return row_sum_exp_impl(z, v, m); }
 static double row_sum_exp(const double* z, index_t v, double m) { return row_sum_exp_impl(z, v, m); }
 
+INFOFUSE_CLONES static double row_sum_exp_entropy(const float* z, index_t v, float m, double* t) {
+  return row_sum_exp_entropy_impl(z, v, m, t);
+}
+static double row_sum_exp_entropy(const double* z, index_t v, double m, double* t) {
+  return row_sum_exp_entropy_impl(z, v, m, t);
+}
+
+INFOFUSE_CLONES static void row_scale(float* z, index_t v, float k) { row_scale_impl(z, v, k); }
+static void row_scale(double* z, index_t v, double k) { row_scale_impl(z, v, k); }
+
 INFOFUSE_CLONES static double row_gap_sum(const float* z, const float* w, index_t v, float m) {
   return row_gap_sum_impl(z, w, v, m);
 }
@@ -153,6 +215,15 @@ INFOFUSE_CLONES static void row_grad(float* z, const float* w, index_t v, float 
 }
 static void row_grad(double* z, const double* w, index_t v, double lse, double a, double c, const double* slope) {
   row_grad_impl(z, w, v, lse, a, c, slope);
+}
+
+INFOFUSE_CLONES static void row_grad_entropy(float* z, const float* w, index_t v, float lse, float a, float c, float e,
+                                             float h, const float* slope) {
+  row_grad_entropy_impl(z, w, v, lse, a, c, e, h, slope);
+}
+static void row_grad_entropy(double* z, const double* w, index_t v, double lse, double a, double c, double e, double h,
+                             const double* slope) {
+  row_grad_entropy_impl(z, w, v, lse, a, c, e, h, slope);
 }
 
 }  // namespace infofuse::cpu

@@ -9,16 +9,24 @@ from ._ext import build_info, cpp_available
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 from .knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from .linear_cross_entropy import available_impls, linear_cross_entropy
+from .log_probs import linear_log_probs
 from .modules import (
     ClipLoss,
     InfoNCELoss,
     LinearCrossEntropy,
     LinearCrossEntropyLoss,
+    LinearLogProbs,
     NTXentLoss,
     SigLipLoss,
     SupConLoss,
 )
-from .reference import info_nce_reference, knn_reference, linear_cross_entropy_reference, siglip_reference
+from .reference import (
+    info_nce_reference,
+    knn_reference,
+    linear_cross_entropy_reference,
+    linear_log_probs_reference,
+    siglip_reference,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +35,7 @@ __all__ = [
     "InfoNCELoss",
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
+    "LinearLogProbs",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -44,6 +53,8 @@ __all__ = [
     "ksg_mutual_information",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "linear_log_probs",
+    "linear_log_probs_reference",
     "nt_xent",
     "siglip_loss",
     "siglip_reference",

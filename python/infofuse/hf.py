@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from .linear_cross_entropy import linear_cross_entropy
+from .log_probs import linear_log_probs
 
-__all__ = ["patch", "unpatch", "is_patched", "REFUSED_FAMILIES"]
+__all__ = ["patch", "unpatch", "is_patched", "log_probs", "REFUSED_FAMILIES"]
 
 # Families whose loss the patch does not reproduce, by ``config.model_type``, each with what it does differently.
 # Found by tests/test_hf.py (stock vs patched on a tiny model of every family); transformers 5.25.
@@ -401,15 +402,8 @@ def patch(model, *, fused: bool | None = None, **options):
     return model
 
 
-def _fused_forward(model, state: _State, family: str, kwargs: dict):
-    labels = kwargs.pop("labels", None)
-    shift_labels = kwargs.get("shift_labels")
-    ignore_index = kwargs.get("ignore_index", -100)
-    num_items = kwargs.get("num_items_in_batch")
-    as_tuple = kwargs.get("return_dict") is False
-    if as_tuple:
-        kwargs["return_dict"] = True
-    device = (labels if labels is not None else shift_labels).device
+def _stock_hidden(model, state: _State, family: str, kwargs: dict, device):
+    """The stock forward's output, run on zero head positions, and the decoder's last hidden states."""
     kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=device)
     state.capturing, state.hidden = True, None
     try:
@@ -420,16 +414,12 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
     hidden, state.hidden = state.hidden, None
     if hidden is None:
         raise RuntimeError(f"infofuse.hf: the base model of {family} was not called by its forward")
+    return out, hidden
 
-    if shift_labels is None:
-        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    target = shift_labels.reshape(-1).to(hidden.device)
-    x = hidden.reshape(-1, hidden.shape[-1])
-    if x.shape[0] != target.shape[0]:
-        raise ValueError(
-            f"infofuse.hf: {family} produced {x.shape[0]} hidden states for {target.shape[0]} labels; labels must "
-            "have the shape of input_ids"
-        )
+
+def _head_operands(model, family: str, x):
+    """(input, weight, bias, softcap) of the head's logits for the rows ``x``: the family's transform and
+    logit scale folded into the input and bias, its final softcap returned for the op."""
     head = model.get_output_embeddings()
     _unshard_fsdp2(head)
     with _zero3_gathered(head):
@@ -440,6 +430,30 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
     if scale is not None:
         x = x * scale
         bias = None if bias is None else bias * scale
+    return x, weight, bias, softcap
+
+
+def _fused_forward(model, state: _State, family: str, kwargs: dict):
+    labels = kwargs.pop("labels", None)
+    shift_labels = kwargs.get("shift_labels")
+    ignore_index = kwargs.get("ignore_index", -100)
+    num_items = kwargs.get("num_items_in_batch")
+    as_tuple = kwargs.get("return_dict") is False
+    if as_tuple:
+        kwargs["return_dict"] = True
+    device = (labels if labels is not None else shift_labels).device
+    out, hidden = _stock_hidden(model, state, family, kwargs, device)
+
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    target = shift_labels.reshape(-1).to(hidden.device)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    if x.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"infofuse.hf: {family} produced {x.shape[0]} hidden states for {target.shape[0]} labels; labels must "
+            "have the shape of input_ids"
+        )
+    x, weight, bias, softcap = _head_operands(model, family, x)
     loss = linear_cross_entropy(
         x,
         weight,
@@ -459,6 +473,60 @@ def _fused_forward(model, state: _State, family: str, kwargs: dict):
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     result = type(out)(loss=loss, **fields)
     return result.to_tuple() if as_tuple else result
+
+
+def log_probs(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    **forward_kwargs,
+):
+    """Per-token log-probabilities (and entropy) of a patched causal LM, without the logits: the RL step's call.
+
+    Runs the model's stock forward on zero head positions (as the patched training forward does), takes the
+    decoder's last hidden states and calls :func:`infofuse.linear_log_probs` against the output embedding, with
+    the family's head transform, logit scale and final softcap, and the patch's ``impl`` / ``chunk_size``.
+
+    Args:
+        model: a model passed through :func:`patch` (a PEFT model around one included).
+        input_ids: (B, L) token ids, passed to the forward with ``forward_kwargs`` (``attention_mask``, ...).
+        labels: (B, L) the ids to score, ``ignore_index`` where no score is wanted (the prompt, padding); as
+            transformers' labels, unshifted: position i of the result scores ``labels[:, i + 1]`` given the
+            tokens up to i, and the last position is 0.
+        temperature, return_entropy, ignore_index: as in :func:`infofuse.linear_log_probs`.
+
+    Returns:
+        (B, L) float32 log-probabilities, or ``(log_probs, entropy)``; 0 at ignored positions. Differentiable
+        through the model.
+    """
+    inner = _unwrap(model)
+    state = getattr(inner, _STATE, None)
+    if state is None:
+        raise ValueError("infofuse.hf.log_probs needs a patched model: call infofuse.hf.patch(model) first")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    family = _family(inner)
+    kwargs = {**forward_kwargs, "input_ids": input_ids, "return_dict": True}
+    _out, hidden = _stock_hidden(inner, state, family, kwargs, input_ids.device)
+    target = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(hidden.device)
+    x, weight, bias, softcap = _head_operands(inner, family, hidden)
+    options = {k: v for k, v in state.options.items() if k in ("impl", "chunk_size")}
+    return linear_log_probs(
+        x,
+        weight,
+        target,
+        bias,
+        temperature=temperature,
+        softcap=softcap,
+        return_entropy=return_entropy,
+        ignore_index=ignore_index,
+        **options,
+    )
 
 
 def _aux_loss_coef(model) -> float:

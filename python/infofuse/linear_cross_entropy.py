@@ -14,7 +14,7 @@ from ._ops import linear_cross_entropy_chunked as _chunked  # noqa: F401 (regist
 from ._ops import linear_cross_entropy_fused as _fused  # noqa: F401 (registers the fused ops)
 from ._ops.linear_cross_entropy import REDUCTIONS, LCEParams, grad_flags
 from ._ops.linear_cross_entropy_soft import soft_linear_cross_entropy, validate_soft_target
-from .reference import linear_cross_entropy_reference
+from .reference import linear_cross_entropy_reference, linear_log_probs_reference
 
 __all__ = ["linear_cross_entropy", "available_impls"]
 
@@ -77,6 +77,7 @@ def _validate(
     token_weight,
     options,
     return_argmax=False,
+    return_entropy=False,
 ):
     _check_tensor("input", input)
     _check_tensor("linear_weight", linear_weight)
@@ -108,6 +109,8 @@ def _validate(
             raise TypeError(f"target must hold integer class indices or float class probabilities, got {target.dtype}")
     if soft and return_argmax:
         raise ValueError("return_argmax is for class-index targets; got a class-probability target")
+    if soft and return_entropy:
+        raise ValueError("return_entropy is for class-index targets; got a class-probability target")
     if token_weight is not None:
         _check_tensor("token_weight", token_weight)
         if tuple(token_weight.shape) != tuple(input.shape[:-1]):
@@ -197,6 +200,7 @@ def linear_cross_entropy(
     token_weight: torch.Tensor | None = ...,
     return_lse: Literal[False] = ...,
     return_argmax: Literal[False] = ...,
+    return_entropy: Literal[False] = ...,
     impl: str | None = ...,
     chunk_size: int | None = ...,
 ) -> torch.Tensor: ...
@@ -219,6 +223,7 @@ def linear_cross_entropy(
     token_weight: torch.Tensor | None = ...,
     return_lse: Literal[True],
     return_argmax: Literal[False] = ...,
+    return_entropy: Literal[False] = ...,
     impl: str | None = ...,
     chunk_size: int | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -241,6 +246,30 @@ def linear_cross_entropy(
     token_weight: torch.Tensor | None = ...,
     return_lse: bool = ...,
     return_argmax: Literal[True],
+    return_entropy: bool = ...,
+    impl: str | None = ...,
+    chunk_size: int | None = ...,
+) -> tuple[torch.Tensor, ...]: ...
+
+
+@overload
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = ...,
+    weight: torch.Tensor | None = ...,
+    reduction: str = ...,
+    ignore_index: int | None = ...,
+    label_smoothing: float = ...,
+    options: object | None = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    token_weight: torch.Tensor | None = ...,
+    return_lse: bool = ...,
+    return_argmax: bool = ...,
+    return_entropy: Literal[True],
     impl: str | None = ...,
     chunk_size: int | None = ...,
 ) -> tuple[torch.Tensor, ...]: ...
@@ -262,6 +291,7 @@ def linear_cross_entropy(
     token_weight: torch.Tensor | None = None,
     return_lse: bool = False,
     return_argmax: bool = False,
+    return_entropy: bool = False,
     impl: str | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -316,6 +346,11 @@ def linear_cross_entropy(
             logit, int64 in ``input.shape[:-1]``, found in the same pass over the logits (no extra GEMM; class-index
             targets). Token accuracy, as trainers log it: ``(argmax == target)[target != ignore_index].float()
             .mean()``. Where two logits are within rounding of each other the backends may pick either.
+        return_entropy: also return each token's entropy H(p) = −Σ_v p_v·log p_v of p = softmax of the
+            (softcapped) logits, float32 (float64 for float64 inputs) in ``input.shape[:-1]``, found in the same
+            pass over the logits as the lse (no extra GEMM; class-index targets). 0 at ignored tokens. It is
+            differentiable: a gradient flowing into it adds −p_v·(log p_v + H) per logit (the logits are then
+            recomputed in backward, as for a gradient into the lse); ``.detach()`` it to only log it.
         impl: None picks by device ("cpu" for CPU tensors, "chunked" for CUDA tensors); "cpu" (C++ over row
             chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between), "fused" (Triton
             kernels that never write logits to memory; float32 atomics, so reproducible only to rounding) — both
@@ -326,7 +361,8 @@ def linear_cross_entropy(
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``input.shape[:-1]`` for
-        "none"; with ``return_lse`` and/or ``return_argmax``, the tuple ``(loss[, lse][, argmax])``. Gradients
+        "none"; with ``return_lse``, ``return_argmax`` and/or ``return_entropy``, the tuple
+        ``(loss[, lse][, argmax][, entropy])``, in that order. Gradients
         flow to ``input``, ``linear_weight`` and ``linear_bias``, each in its own dtype, accumulated in float32.
 
     Double backward (``create_graph=True``) is supported by ``impl="reference"`` only; the kernel backends raise
@@ -350,6 +386,7 @@ def linear_cross_entropy(
             token_weight,
             options,
             return_argmax,
+            return_entropy,
         )
         soft = target.dtype.is_floating_point
         if ignore_index is None:
@@ -386,6 +423,17 @@ def linear_cross_entropy(
                     if softcap is not None:
                         logits = softcap * torch.tanh(logits / softcap)
                     argmax = logits.argmax(-1).reshape(-1)
+            if return_entropy:
+                entropy = linear_log_probs_reference(
+                    input,
+                    linear_weight,
+                    target,
+                    linear_bias,
+                    softcap=softcap,
+                    return_entropy=True,
+                    ignore_index=ignore_index,
+                    compute_dtype=torch.float64 if input.dtype == torch.float64 else torch.float32,
+                )[1].reshape(-1)
         elif soft:
             loss, lse = soft_linear_cross_entropy(
                 input.reshape(batch_shape.numel(), input.shape[-1]),
@@ -400,7 +448,7 @@ def linear_cross_entropy(
                 chunk_size,
             )
         else:
-            loss, lse, argmax = _class_index_loss(
+            loss, lse, argmax, entropy = _class_index_loss(
                 input,
                 linear_weight,
                 target,
@@ -414,6 +462,7 @@ def linear_cross_entropy(
                 impl,
                 chunk_size,
                 return_argmax,
+                want_entropy=return_entropy,
             )
         if token_weight is not None:
             loss = _token_weighted(
@@ -421,10 +470,12 @@ def linear_cross_entropy(
             )
         if reduction == "none":
             loss = loss.reshape(batch_shape)
-        if not (return_lse or return_argmax):
+        if not (return_lse or return_argmax or return_entropy):
             return loss
         extra = (lse.reshape(batch_shape),) if return_lse else ()
-        return (loss, *extra, argmax.reshape(batch_shape)) if return_argmax else (loss, *extra)
+        extra += (argmax.reshape(batch_shape),) if return_argmax else ()
+        extra += (entropy.reshape(batch_shape),) if return_entropy else ()
+        return (loss, *extra)
 
 
 def _class_index_loss(
@@ -441,9 +492,12 @@ def _class_index_loss(
     impl,
     chunk_size,
     want_argmax,
+    *,
+    temperature=1.0,
+    want_entropy=False,
 ):
-    """(loss, lse (N,), argmax (N,) or empty) of the kernel backends for class-index targets; loss (N,) for
-    "none"."""
+    """(loss, lse (N,), argmax (N,) or empty, entropy (N,) or empty) of the kernel backends for class-index
+    targets; loss (N,) for "none". Everything is of the logits ẑ/temperature."""
     if impl == "cpu":
         _ext.require_cpp("cpu")
         if input.device.type != "cpu":
@@ -469,10 +523,13 @@ def _class_index_loss(
     t = target.reshape(-1)
     if t.dtype != torch.int64:
         t = t.long()
-    loss, lse, *_, argmax = forward_op(
-        x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags, bool(want_argmax)
+    extra = {}
+    if temperature != 1.0 or want_entropy:  # the schema's defaults otherwise: old call sites stay valid
+        extra = {"temperature": float(temperature), "want_entropy": bool(want_entropy)}
+    loss, lse, *_, argmax, entropy = forward_op(
+        x, linear_weight, t, linear_bias, weight, *params.as_args(), *flags, bool(want_argmax), **extra
     )
-    return loss, lse, argmax
+    return loss, lse, argmax, entropy
 
 
 def _token_weighted(loss, lse, tau, target, weight, reduction, ignore_index, z_loss, soft):

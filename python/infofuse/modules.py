@@ -9,12 +9,14 @@ from torch import nn
 
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
 from .linear_cross_entropy import linear_cross_entropy
+from .log_probs import linear_log_probs
 
 __all__ = [
     "ClipLoss",
     "InfoNCELoss",
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
+    "LinearLogProbs",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -182,6 +184,53 @@ class LinearCrossEntropyLoss(nn.Module):
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options}, "
             f"z_loss={self.z_loss}, softcap={self.softcap}, impl={self.impl!r}, chunk_size={self.chunk_size}"
+        )
+
+
+class LinearLogProbs(nn.Module):
+    """Module form of :func:`infofuse.linear_log_probs`: stores its keyword arguments (``temperature``,
+    ``softcap``, ``return_entropy``, ``ignore_index``, ``impl``, ``chunk_size``).
+
+    ``forward(input, weight, target, linear_bias=None)`` returns the per-token log-probabilities, or
+    ``(log_probs, entropy)`` with ``return_entropy=True``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        return_entropy: bool = False,
+        ignore_index: int = -100,
+        impl: str | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.softcap = softcap
+        self.return_entropy = return_entropy
+        self.ignore_index = ignore_index
+        self.impl = impl
+        self.chunk_size = chunk_size
+
+    def forward(self, input, weight, target, linear_bias=None):
+        return linear_log_probs(
+            input,
+            weight,
+            target,
+            linear_bias,
+            temperature=self.temperature,
+            softcap=self.softcap,
+            return_entropy=self.return_entropy,
+            ignore_index=self.ignore_index,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, softcap={self.softcap}, return_entropy={self.return_entropy}, "
+            f"ignore_index={self.ignore_index}, impl={self.impl!r}, chunk_size={self.chunk_size}"
         )
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "knn_reference",
     "info_nce_rows_reference",
     "linear_cross_entropy_reference",
+    "linear_log_probs_reference",
     "siglip_reference",
     "siglip_rows_reference",
 ]
@@ -84,6 +85,40 @@ def linear_cross_entropy_reference(
     if return_lse:
         return loss, lse.reshape(batch_shape)
     return loss
+
+
+def linear_log_probs_reference(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Per-token ``log p(target)`` and entropy ``H(p)`` of ``p = softmax(logits)``, from the full logits.
+
+    ``z = F.linear(input, linear_weight, linear_bias)`` cast to ``compute_dtype``; with ``softcap`` c,
+    ``z = c·tanh(z/c)``; ``logits = z / temperature``. Returns ``log_softmax(logits)[..., target]`` in ``target``'s
+    shape, and with ``return_entropy`` the tuple ``(log_probs, entropy)``, ``entropy = −Σ_v p_v·log p_v``.
+    Tokens whose target is ``ignore_index`` get 0 in both, and no gradient.
+    """
+    logits = F.linear(input, linear_weight, linear_bias).to(compute_dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
+    log_p = torch.log_softmax(logits, dim=-1)
+    valid = target != ignore_index
+    picked = log_p.gather(-1, torch.where(valid, target, 0).long().unsqueeze(-1)).squeeze(-1)
+    zero = log_p.new_zeros(())
+    log_probs = torch.where(valid, picked, zero)
+    if not return_entropy:
+        return log_probs
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return log_probs, torch.where(valid, entropy, zero)
 
 
 def _scores(query, key, scale, compute_dtype):

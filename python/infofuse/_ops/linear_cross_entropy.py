@@ -8,8 +8,16 @@ they get what makes them first-class torch ops: fake kernels that mirror the rea
 * ``reduction`` "mean"/"sum": the forward op already formed the gradients for ``grad_output = 1`` while each
   chunk of logits was hot; backward scales them by ``grad_output`` (in place, in eager mode: the forward's
   buffers become the gradients, no copy).
-* ``reduction="none"``, a gradient flowing into the returned lse, a second backward through a retained graph,
-  or a gradient the forward did not form: the backward op recomputes the logits chunk by chunk from the lse.
+* ``reduction="none"``, a gradient flowing into the returned lse or entropy, a second backward through a
+  retained graph, or a gradient the forward did not form: the backward op recomputes the logits chunk by chunk
+  from the lse (and the saved entropy, for the entropy's gradient).
+
+Two options sit at the end of the schemas with defaults, so that older positional calls keep working:
+``temperature`` T > 0 divides the (softcapped) logits before the softmax (every returned quantity, lse included,
+is of the logits ℓ = ẑ/T; the gradients carry the 1/T), and ``want_entropy`` adds the per-row entropy
+H = lse − Σ_j p_j·ℓ_j as a last output (0 at ignored rows, which take no entropy gradient), found in the same
+pass over the logits as the lse. Without it the entropy output is an empty, non-differentiable placeholder and
+no backend does any entropy work.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ def _forward_fake(
     grad_weight,
     grad_bias,
     want_argmax,
+    temperature=1.0,
+    want_entropy=False,
 ):
     n, d = input.shape
     v = linear_weight.shape[0]
@@ -84,7 +94,8 @@ def _forward_fake(
     gw = _empty_like_flag(grads and grad_weight, (v, d), linear_weight)
     gb = linear_bias.new_empty((v,)) if grads and grad_bias and linear_bias is not None else input.new_empty((0,))
     argmax = input.new_empty((n if want_argmax else 0,), dtype=torch.int64)
-    return loss, lse, gi, gw, gb, argmax
+    entropy = input.new_empty((n if want_entropy else 0,), dtype=acc)
+    return loss, lse, gi, gw, gb, argmax, entropy
 
 
 def _backward_fake(
@@ -105,6 +116,9 @@ def _backward_fake(
     grad_input,
     grad_weight,
     grad_bias,
+    grad_entropy=None,
+    entropy=None,
+    temperature=1.0,
 ):
     n, d = input.shape
     v = linear_weight.shape[0]
@@ -119,14 +133,16 @@ def _setup_context(ctx, inputs, output):
     input, linear_weight, target, linear_bias, weight, *options = inputs
     params = LCEParams(*options[:6])
     flags = tuple(options[6:9])
-    loss, lse, gi, gw, gb, _argmax = output
-    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse)
+    temperature, want_entropy = options[10], options[11]
+    loss, lse, gi, gw, gb, argmax, entropy = output
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, lse, entropy if want_entropy else None)
     ctx.params = params
+    ctx.temperature = temperature
     # Gradients formed in forward (mean/sum), held until the first backward hands them over.
     formed = params.reduction != 0 and any(flags)
     ctx.formed = (gi, gw, gb) if formed else None
     ctx.formed_flags = (flags[0], flags[1], flags[2] and linear_bias is not None) if formed else (False,) * 3
-    ctx.mark_non_differentiable(gi, gw, gb)
+    ctx.mark_non_differentiable(gi, gw, gb, argmax, *(() if want_entropy else (entropy,)))
     ctx.set_materialize_grads(False)
 
 
@@ -144,29 +160,34 @@ def _scale_formed(grad: torch.Tensor, scale: torch.Tensor, in_place: bool) -> to
 def _make_backward(backward_op):
     """The autograd formula of a forward op whose recompute path is ``backward_op`` (same schema for every backend)."""
 
-    def backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb, _argmax):
-        return _backward(backward_op, ctx, grad_loss, grad_lse)
+    def backward(ctx, grad_loss, grad_lse, _gi, _gw, _gb, _argmax, grad_entropy):
+        return _backward(backward_op, ctx, grad_loss, grad_lse, grad_entropy)
 
     return backward
 
 
-def _backward(backward_op, ctx, grad_loss, grad_lse):
-    input, linear_weight, target, linear_bias, weight, lse = ctx.saved_tensors
-    refuse_double_backward("linear_cross_entropy", grad_loss, grad_lse, input, linear_weight, linear_bias)
+def _backward(backward_op, ctx, grad_loss, grad_lse, grad_entropy):
+    input, linear_weight, target, linear_bias, weight, lse, entropy = ctx.saved_tensors
+    refuse_double_backward("linear_cross_entropy", grad_loss, grad_lse, grad_entropy, input, linear_weight, linear_bias)
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_bias = linear_bias is not None and ctx.needs_input_grad[3]
-    if grad_loss is None and grad_lse is None:
-        return None, None, None, None, None, *([None] * 10)
+    if entropy is None:  # the entropy output is an empty placeholder: no gradient flows through it
+        grad_entropy = None
+    if grad_loss is None and grad_lse is None and grad_entropy is None:
+        return None, None, None, None, None, *([None] * 12)
     formed, ctx.formed = ctx.formed, None  # a second backward (retain_graph=True) recomputes
     have = ctx.formed_flags
     covered = (not need_input or have[0]) and (not need_weight or have[1]) and (not need_bias or have[2])
-    if formed is not None and grad_lse is None and covered:
+    if formed is not None and grad_lse is None and grad_entropy is None and covered:
         in_place = _is_eager(grad_loss, *formed)
         gi, gw, gb = (_scale_formed(g, grad_loss, in_place) if h else None for g, h in zip(formed, have, strict=True))
     else:
         p = ctx.params
         if grad_loss is None:
             grad_loss = lse.new_zeros(() if p.reduction != 0 else lse.shape)
+        extra = {"temperature": ctx.temperature}
+        if grad_entropy is not None:  # the entropy term costs nothing where no gradient reaches the entropy
+            extra.update(grad_entropy=grad_entropy, entropy=entropy)
         gi, gw, gb = backward_op(
             grad_loss,
             grad_lse,
@@ -180,13 +201,14 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
             need_input,
             need_weight,
             need_bias,
+            **extra,
         )
     return (
         gi if need_input else None,
         gw if need_weight else None,
         None,
         gb if need_bias else None,
-        *([None] * 11),
+        *([None] * 13),
     )
 
 
@@ -194,13 +216,15 @@ def _backward(backward_op, ctx, grad_loss, grad_lse):
 FORWARD_SCHEMA = (
     "{name}(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, int reduction, "
     "int ignore_index, float label_smoothing, float z_loss, float? softcap, int? chunk_size, bool grad_input, "
-    "bool grad_weight, bool grad_bias, bool want_argmax) -> (Tensor loss, Tensor lse, Tensor grad_input, "
-    "Tensor grad_weight, Tensor grad_bias, Tensor argmax)"
+    "bool grad_weight, bool grad_bias, bool want_argmax, float temperature=1.0, bool want_entropy=False) -> "
+    "(Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor argmax, "
+    "Tensor entropy)"
 )
 BACKWARD_SCHEMA = (
     "{name}(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor linear_weight, Tensor target, "
     "Tensor? linear_bias, Tensor? weight, Tensor lse, int reduction, int ignore_index, float label_smoothing, "
-    "float z_loss, float? softcap, int? chunk_size, bool grad_input, bool grad_weight, bool grad_bias) "
+    "float z_loss, float? softcap, int? chunk_size, bool grad_input, bool grad_weight, bool grad_bias, "
+    "Tensor? grad_entropy=None, Tensor? entropy=None, float temperature=1.0) "
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
 )
 

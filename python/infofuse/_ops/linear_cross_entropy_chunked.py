@@ -121,6 +121,7 @@ def _run(
     grad=None,
     lse_grad=None,
     argmax=None,
+    extra=None,
 ):
     from infofuse.triton_kernels.linear_cross_entropy_rows import linear_cross_entropy_rows
 
@@ -133,7 +134,7 @@ def _run(
         z = buffer[: x_chunk.shape[0]]
         logits_into(z, x_chunk, linear_weight, linear_bias)
         lse_rows = dict(lse=lse, ce=ce, zl=zl, forward=forward, grad=grad, lse_grad=lse_grad, argmax=argmax)
-        linear_cross_entropy_rows(z, r0, target, weight, scales, **opts, **lse_rows)
+        linear_cross_entropy_rows(z, r0, target, weight, scales, **opts, **lse_rows, **(extra or {}))
         if grads is not None:
             grads.add(z, x_chunk, linear_weight, r0)
 
@@ -159,6 +160,8 @@ def _forward(
     grad_weight,
     grad_bias,
     want_argmax,
+    temperature=1.0,
+    want_entropy=False,
 ):
     check_triton_input(input, "chunked")
     n = input.shape[0]
@@ -172,6 +175,7 @@ def _forward(
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows) if want else None
     one = torch.ones(1, **f32)
     argmax = torch.empty(n if want_argmax else 0, dtype=torch.int64, device=input.device)
+    entropy = torch.empty(n if want_entropy else 0, **f32)
     _run(
         input,
         linear_weight,
@@ -188,11 +192,13 @@ def _forward(
         grads,
         grad=one if want else None,
         argmax=argmax if want_argmax else None,
+        extra={"temperature": temperature, "entropy": entropy if want_entropy else None},
     )
     loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     if grads is None:
-        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)), argmax
-    return (loss, lse, *grads.result(input, linear_bias), argmax)
+        empty = (input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)))
+        return loss, lse, *empty, argmax, entropy
+    return (loss, lse, *grads.result(input, linear_bias), argmax, entropy)
 
 
 @torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)
@@ -214,6 +220,9 @@ def _backward(
     grad_input,
     grad_weight,
     grad_bias,
+    grad_entropy=None,
+    entropy=None,
+    temperature=1.0,
 ):
     check_triton_input(input, "chunked")
     v = linear_weight.shape[0]
@@ -226,6 +235,12 @@ def _backward(
     grads = _Grads(input, linear_weight, linear_bias, grad_input, grad_weight, grad_bias, rows)
     g = grad_loss.reshape(-1).to(torch.float32).contiguous()  # also materialises a stride-0 (expanded) grad
     g_lse = None if grad_lse is None else grad_lse.reshape(-1).to(torch.float32).contiguous()
+    extra = {"temperature": temperature}
+    if grad_entropy is not None:
+        if entropy is None or entropy.numel() != input.shape[0] or grad_entropy.numel() != input.shape[0]:
+            raise ValueError("grad_entropy and entropy must both have N = input.shape[0] elements")
+        extra["entropy"] = entropy.reshape(-1).to(torch.float32).contiguous()
+        extra["entropy_grad"] = grad_entropy.reshape(-1).to(torch.float32).contiguous()
     _run(
         input,
         linear_weight,
@@ -242,6 +257,7 @@ def _backward(
         grads,
         grad=g,
         lse_grad=g_lse,
+        extra=extra,
     )
     return grads.result(input, linear_bias)
 

@@ -47,6 +47,9 @@ def _grads(
     want_dx,
     want_dw,
     want_db,
+    temperature=1.0,
+    grad_entropy=None,
+    entropy=None,
 ):
     from infofuse.triton_kernels.linear_cross_entropy_fused import default_filter_eps, lce_fused_grads
 
@@ -65,7 +68,12 @@ def _grads(
     b = g_ce * (1.0 - label_smoothing) * w_t
     c = g_ce * eps_v
     n = input.shape[0]
-    a, b, c = (t.expand(n).contiguous() for t in (a, b, c))
+    inv_t = 1.0 / temperature  # dℓ/dẑ, folded into every coefficient
+    a, b, c = ((t * inv_t).expand(n).contiguous() for t in (a, b, c))
+    e = h = None
+    if grad_entropy is not None:  # −e·p·(ℓ − h): e the entropy's upstream gradient (0 at ignored rows), h = lse − H
+        e = torch.where(valid, grad_entropy.to(torch.float32).reshape(-1) * inv_t, 0.0).contiguous()
+        h = (lse - entropy.to(torch.float32).reshape(-1)).contiguous()
     dx, dw, db = lce_fused_grads(
         input,
         linear_weight,
@@ -82,6 +90,9 @@ def _grads(
         want_db=want_db,
         deterministic=torch.are_deterministic_algorithms_enabled(),
         filter_eps=default_filter_eps(input.dtype, label_smoothing),
+        temperature=temperature,
+        coef_e=e,
+        coef_h=h,
     )
     gi = dx if want_dx else input.new_empty((0,))
     gw = dw if want_dw else linear_weight.new_empty((0,))
@@ -106,6 +117,8 @@ def _forward(
     grad_weight,
     grad_bias,
     want_argmax,
+    temperature=1.0,
+    want_entropy=False,
 ):
     from infofuse.triton_kernels.linear_cross_entropy_fused import lce_fused_partials
 
@@ -114,19 +127,33 @@ def _forward(
     target = target.contiguous()
     weight32, scales = prepare(target, weight, v, ignore_index, reduction, input.device)
     argmax = torch.zeros(n if want_argmax else 0, dtype=torch.int64, device=input.device)
+    entropy = torch.zeros(n if want_entropy else 0, dtype=torch.float32, device=input.device)
+    valid = target != ignore_index
     if n:
-        m, s, zt, wz, *am = lce_fused_partials(
-            input, linear_weight, linear_bias, target, weight32, softcap, want_argmax=want_argmax
+        m, s, zt, wz, *rest = lce_fused_partials(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight32,
+            softcap,
+            want_argmax=want_argmax,
+            temperature=temperature,
+            want_entropy=want_entropy,
         )
         top = m.max(0).values
-        lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+        scale = torch.exp(m - top)
+        s_all = (s * scale).sum(0)
+        lse = top + torch.log(s_all)
         zt, wz = zt.sum(0), wz.sum(0)
         if want_argmax:  # the first slice holding the row's maximum (slices are in column order)
             first = (m == top).to(torch.uint8).argmax(0, keepdim=True)
-            argmax = am[0].gather(0, first)[0]
+            argmax = rest[0].gather(0, first)[0]
+        if want_entropy:  # each slice's Σ e^{ℓ−m}(ℓ − m) moved to the row max M, then H = log S − T/S
+            t_all = (scale * (rest[-1] + (m - top) * s)).sum(0)
+            entropy = torch.where(valid, torch.log(s_all) - t_all / s_all, 0.0)
     else:
         lse = zt = wz = torch.zeros(0, dtype=torch.float32, device=input.device)
-    valid = target != ignore_index
     w_t = target_weight(target, weight32, valid, v)
     eps = label_smoothing
     ce = torch.where(valid, (1.0 - eps) * w_t * (lse - zt) + eps / v * (scales[2] * lse - wz), 0.0)
@@ -134,7 +161,8 @@ def _forward(
     loss = reduce_loss(ce, zl, scales, reduction, z_loss)
     want_db = grad_bias and linear_bias is not None
     if reduction == 0 or not (grad_input or grad_weight or want_db):
-        return loss, lse, input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)), argmax
+        empty = (input.new_empty((0,)), linear_weight.new_empty((0,)), input.new_empty((0,)))
+        return loss, lse, *empty, argmax, entropy
     one = torch.ones((), dtype=torch.float32, device=input.device)
     grads = _grads(
         input,
@@ -153,8 +181,9 @@ def _forward(
         grad_input,
         grad_weight,
         want_db,
+        temperature=temperature,
     )
-    return (loss, lse, *grads, argmax)
+    return (loss, lse, *grads, argmax, entropy)
 
 
 @torch.library.impl(BACKWARD, ("cpu", "cuda"), lib=LIB)
@@ -176,6 +205,9 @@ def _backward(
     grad_input,
     grad_weight,
     grad_bias,
+    grad_entropy=None,
+    entropy=None,
+    temperature=1.0,
 ):
     check_triton_input(input, "fused")
     want_db = grad_bias and linear_bias is not None
@@ -200,6 +232,9 @@ def _backward(
         grad_input,
         grad_weight,
         want_db,
+        temperature=temperature,
+        grad_entropy=grad_entropy,
+        entropy=entropy,
     )
 
 
