@@ -7,6 +7,7 @@ Every public function runs under ``torch.profiler.record_function("infofuse::<op
 
 from ._ext import build_info, cpp_available
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from .kl_divergence import linear_kl_divergence
 from .knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from .linear_cross_entropy import available_impls, linear_cross_entropy
 from .modules import (
@@ -14,11 +15,18 @@ from .modules import (
     InfoNCELoss,
     LinearCrossEntropy,
     LinearCrossEntropyLoss,
+    LinearKLDivergence,
     NTXentLoss,
     SigLipLoss,
     SupConLoss,
 )
-from .reference import info_nce_reference, knn_reference, linear_cross_entropy_reference, siglip_reference
+from .reference import (
+    info_nce_reference,
+    knn_reference,
+    linear_cross_entropy_reference,
+    linear_kl_divergence_reference,
+    siglip_reference,
+)
 
 __version__ = "0.1.0"
 
@@ -27,6 +35,7 @@ __all__ = [
     "InfoNCELoss",
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
+    "LinearKLDivergence",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -44,6 +53,8 @@ __all__ = [
     "ksg_mutual_information",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "linear_kl_divergence",
+    "linear_kl_divergence_reference",
     "nt_xent",
     "siglip_loss",
     "siglip_reference",
