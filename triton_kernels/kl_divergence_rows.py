@@ -102,8 +102,9 @@ def _kl_rows_kernel(
             sb = sb * tl.exp(mb - mb_new) + tl.sum(tl.exp(b - mb_new), axis=0)
             ma = ma_new
             mb = mb_new
-        lse_a = ma + tl.log(sa)
-        lse_b = mb + tl.log(sb)
+        # log q = (a − max) − log Σ, not a − lse: a rounded lse would cost an ulp of |max| on every log-probability
+        log_sa = tl.log(sa)
+        log_sb = tl.log(sb)
 
         # pass 2: the divergence (and K_p, K_q for the skew JSD)
         acc_p = tl.zeros((BLOCK_V,), tl.float32)
@@ -111,8 +112,8 @@ def _kl_rows_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             mask = cols < V
-            lq = tl.load(s_row + cols * stride_sv, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_a
-            lp = tl.load(t_row + cols * stride_tv, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_b
+            lq = tl.load(s_row + cols * stride_sv, mask=mask, other=0.0).to(tl.float32) * inv_t - ma - log_sa
+            lp = tl.load(t_row + cols * stride_tv, mask=mask, other=0.0).to(tl.float32) * inv_t - mb - log_sb
             if MODE == 0:
                 acc_p += tl.where(mask, tl.exp(lp) * (lp - lq), 0.0)
             elif MODE == 1:
@@ -138,8 +139,8 @@ def _kl_rows_kernel(
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + cols0
                 mask = cols < V
-                lq = tl.load(s_row + cols * stride_sv, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_a
-                lp = tl.load(t_row + cols * stride_tv, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_b
+                lq = tl.load(s_row + cols * stride_sv, mask=mask, other=0.0).to(tl.float32) * inv_t - ma - log_sa
+                lp = tl.load(t_row + cols * stride_tv, mask=mask, other=0.0).to(tl.float32) * inv_t - mb - log_sb
                 p = tl.exp(lp)
                 q = tl.exp(lq)
                 if MODE == 0:

@@ -35,6 +35,8 @@ enum KLReduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 // Bytes of logits (both heads together) held at once when the caller does not fix the chunk size.
 constexpr int64_t kKLChunkBytes = int64_t(32) << 20;
+// Rows of a chunk at least D / this (bench/NOTES.md, "Floors: linear_kl_divergence": the bandwidth of W's passes).
+constexpr int64_t kKLMinRowsPerD = 32;
 // Rows of grad_weight updated per GEMM when half-precision chunks are added into a float accumulator.
 constexpr int64_t kKLHalfBlock = 4096;
 
@@ -177,15 +179,17 @@ INFOFUSE_INLINE void row_grads_impl(T* __restrict lq, T* __restrict lp, const T*
   (void)want_s;
 }
 
-// x_j = x_j·s − (m + log Σ exp(x·s − m)): a row of logits into its log-softmax of x·s, in place.
+// x_j = (x_j·s − m) − log Σ exp(x·s − m): a row of logits into its log-softmax of x·s, in place. The max is
+// taken off first and log Σ after, as PyTorch's log_softmax does: subtracting a rounded lse = m + log Σ instead
+// would cost an ulp of |m| on every log-probability, which the JSD's gradient (log q − log m − K_q) then carries.
 template <typename T>
 INFOFUSE_INLINE void log_softmax_impl(T* __restrict x, index_t v, T s) {
 #pragma omp simd
   for (index_t j = 0; j < v; ++j) x[j] *= s;
   const T m = row_max_impl(x, v);
-  const T lse = static_cast<T>(static_cast<double>(m) + std::log(row_sum_exp_impl(x, v, m)));
+  const T log_sum = static_cast<T>(std::log(row_sum_exp_impl(x, v, m)));
 #pragma omp simd
-  for (index_t j = 0; j < v; ++j) x[j] -= lse;
+  for (index_t j = 0; j < v; ++j) x[j] = (x[j] - m) - log_sum;
 }
 
 INFOFUSE_CLONES double kl_sum(const float* x, const float* y, index_t v) { return kl_sum_impl(x, y, v); }
@@ -360,8 +364,13 @@ void run_chunks(const at::Tensor& s_in, const at::Tensor& s_w, const std::option
                 const Upstream<acc_t>& up) {
   const int64_t n = s_in.size(0), v = s_w.size(0);
   if (n == 0) return;
-  int64_t rows = opt.chunk_size > 0 ? opt.chunk_size
-                                    : kKLChunkBytes / std::max<int64_t>(1, 2 * v * int64_t(s_in.element_size()));
+  // Default chunk: kKLChunkBytes of logits for both heads, but at least D/kKLMinRowsPerD rows, so that each pass of
+  // a weight through memory (2.1 GB at an 8B head) feeds enough rows of GEMM not to be bandwidth-bound.
+  const int64_t d_max = std::max(s_in.size(1), t_in.size(1));
+  int64_t rows = opt.chunk_size > 0
+                     ? opt.chunk_size
+                     : std::max(kKLChunkBytes / std::max<int64_t>(1, 2 * v * int64_t(s_in.element_size())),
+                                d_max / kKLMinRowsPerD);
   rows = std::max<int64_t>(1, std::min(rows, n));
   at::Tensor s_buf = at::empty({rows, v}, s_in.options());
   at::Tensor t_buf = at::empty({rows, v}, s_in.options());
@@ -406,26 +415,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     formed && grad_teacher_weight, formed && grad_teacher_bias);
   const int64_t n_valid = valid_rows(tgt, ignore_index, n);
   at::Tensor loss;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student_input.scalar_type(), "infofuse_kl_forward_cpu",
-                                  [&] {
-                                    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-                                    const acc_t one = 1;
-                                    Upstream<acc_t> up{&one, 0, acc_t(1)};
-                                    if (reduction == kMean) up.scale = static_cast<acc_t>(1.0 / double(n_valid));
-                                    run_chunks<scalar_t, acc_t>(
-                                        student_input, student_weight, student_bias, teacher_input, teacher_weight,
-                                        teacher_bias, tgt ? tgt->data_ptr<int64_t>() : nullptr, opt,
-                                        per_row.data_ptr<acc_t>(), &student, &teacher, up);
-                                    if (reduction == kNone) {
-                                      loss = per_row;
-                                    } else {
-                                      double total = 0.0;
-                                      const acc_t* p = per_row.data_ptr<acc_t>();
-                                      for (int64_t i = 0; i < n; ++i) total += p[i];
-                                      if (reduction == kMean) total /= static_cast<double>(n_valid);
-                                      loss = at::full({}, total, acc_opts);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, student_input.scalar_type(), "infofuse_kl_forward_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const acc_t one = 1;
+        Upstream<acc_t> up{&one, 0, acc_t(1)};
+        if (reduction == kMean) up.scale = static_cast<acc_t>(1.0 / double(n_valid));
+        run_chunks<scalar_t, acc_t>(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                                    teacher_bias, tgt ? tgt->data_ptr<int64_t>() : nullptr, opt,
+                                    per_row.data_ptr<acc_t>(), &student, &teacher, up);
+        if (reduction == kNone) {
+          loss = per_row;
+        } else {
+          double total = 0.0;
+          const acc_t* p = per_row.data_ptr<acc_t>();
+          for (int64_t i = 0; i < n; ++i) total += p[i];
+          if (reduction == kMean) total /= static_cast<double>(n_valid);
+          loss = at::full({}, total, acc_opts);
+        }
+      });
   auto [gsi, gsw, gsb] = student.finish(student_input);
   auto [gti, gtw, gtb] = teacher.finish(teacher_input);
   return {loss, gsi, gsw, gsb, gti, gtw, gtb};
