@@ -16,6 +16,7 @@ _CASES = {
     "linear_cross_entropy": "linear_cross_entropy",
     "info_nce": "info_nce",
     "knn_entropy": "knn",
+    "linear_kl_divergence": "kl_divergence",
 }
 
 

@@ -186,8 +186,8 @@ def linear_kl_divergence(
             chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between; CUDA, or CPU
             tensors under ``TRITON_INTERPRET=1``; float32/bfloat16/float16) or "reference" (plain PyTorch,
             materialises both heads' logits).
-        chunk_size: rows of each head's logits held at once (None: about 32 MiB for both heads on the CPU; on
-            the GPU as the chunked linear cross-entropy picks for twice the vocabulary).
+        chunk_size: rows of each head's logits held at once (None: on the CPU 32 MiB for both heads, but at least
+            max(D_s, D_t)/32 rows; on the GPU as the chunked linear cross-entropy picks for twice the vocabulary).
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``student_input.shape[:-1]``

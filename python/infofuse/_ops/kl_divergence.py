@@ -19,7 +19,6 @@ import torch
 
 from ._autograd import refuse_double_backward
 from ._library import define
-from .linear_cross_entropy import _is_eager
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -111,6 +110,12 @@ def _setup_context(ctx, inputs, output):
     ctx.formed_flags = tuple(f and p for f, p in zip(flags, present, strict=True)) if formed else (False,) * 6
     ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)
+
+
+def _is_eager(*tensors: torch.Tensor) -> bool:
+    """Plain tensors outside torch.compile (not fake/functional ones being traced): formed gradients are scaled in
+    place there."""
+    return all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
 
 
 def _make_backward(backward_op):
