@@ -280,6 +280,49 @@ def test_retain_graph_second_backward_and_no_double_backward(impl):
         (g,) = torch.autograd.grad(loss, xs, create_graph=True)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_only_gradients_and_expanded_upstream_gradient(impl):
+    """Only the teacher requires grad (student frozen), reduction="none" reduced by .sum(): the upstream gradient
+    reaches the op as a stride-0 expand; it must match the reference's."""
+    dt = torch.float64 if impl in F64_IMPLS else torch.float32
+    inp = as_dtype(make_inputs(seed=14), dt)
+    results = []
+    for fn in (linear_kl_divergence, ref_fn):
+        xt = inp["xt"].clone().requires_grad_()
+        bt = inp["bt"].clone().requires_grad_()
+        kw = {"impl": impl} if fn is linear_kl_divergence else {"compute_dtype": dt}
+        loss = fn(
+            inp["xs"],
+            inp["ws"],
+            xt,
+            inp["wt"],
+            student_bias=inp["bs"],
+            teacher_bias=bt,
+            target=inp["target"],
+            beta=0.3,
+            reduction="none",
+            teacher_requires_grad=True,
+            **kw,
+        )
+        loss.sum().backward()
+        results.append((xt.grad, bt.grad))
+    tol = 1e-9 if impl in F64_IMPLS else 2e-5
+    for got, want, name in zip(results[0], results[1], ("dxt", "dbt"), strict=True):
+        assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), name=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_identical_heads_give_zero(impl, beta):
+    """KL(P‖P) = JSD(P, P) = 0 and so is every gradient, to rounding."""
+    inp = as_dtype(make_inputs(seed=15), torch.float64 if impl in F64_IMPLS else torch.float32)
+    xs = inp["xs"].clone().requires_grad_()
+    loss = linear_kl_divergence(xs, inp["ws"], inp["xs"], inp["ws"], beta=beta, temperature=0.7, impl=impl)
+    loss.backward()
+    eps = torch.finfo(xs.dtype).eps
+    assert abs(loss.item()) <= 64 * eps and xs.grad.abs().max().item() <= 64 * eps
+
+
 @pytest.mark.parametrize("beta, reduction", [(0.0, "mean"), (0.3, "none"), (1.0, "sum")])
 def test_gradcheck_float64(beta, reduction):
     inp = make_inputs(6, 4, 5, 9, seed=9)
