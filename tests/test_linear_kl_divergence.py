@@ -323,6 +323,26 @@ def test_identical_heads_give_zero(impl, beta):
     assert abs(loss.item()) <= 64 * eps and xs.grad.abs().max().item() <= 64 * eps
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_allocation_holds_the_logits(impl, reduction):
+    """No allocation in forward or backward (the recompute of "none" included) is larger than one chunk of one
+    head's logits, a quarter of N×V here: the N×V logits of either head never exist."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, v, rows = 64, 1024, 16
+    g = torch.Generator().manual_seed(16)
+    xs = torch.randn(n, 8, generator=g).requires_grad_()
+    ws = torch.randn(v, 8, generator=g).requires_grad_()
+    xt, wt = torch.randn(n, 12, generator=g), torch.randn(v, 12, generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = linear_kl_divergence(xs, ws, xt, wt, beta=0.3, reduction=reduction, impl=impl, chunk_size=rows)
+        loss.sum().backward()
+    # leaf events only: a parent's figure is the net of everything allocated under it
+    largest = max(e.cpu_memory_usage for e in prof.events() if not e.cpu_children)
+    assert 0 < largest <= rows * v * 4 < n * v * 4, (largest, rows * v * 4)
+
+
 @pytest.mark.parametrize("beta, reduction", [(0.0, "mean"), (0.3, "none"), (1.0, "sum")])
 def test_gradcheck_float64(beta, reduction):
     inp = make_inputs(6, 4, 5, 9, seed=9)
