@@ -26,7 +26,12 @@
 #include <vector>
 
 #include "gemm.h"
+// Only exp_fast, the *_impl row loops and kSumBlock of the linear-CE row kernels are used here; their entry points
+// (static, one copy per translation unit) would each warn as unused.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 #include "row_kernels.h"
+#pragma GCC diagnostic pop
 
 namespace infofuse::cpu {
 namespace {

@@ -28,7 +28,7 @@ define(BACKWARD_SCHEMA, BACKWARD.split("::")[1])
 
 
 def _scale(target, ignore_index, reduction, n, device):
-    """ "mean"'s 1/n_valid (1 otherwise) as one float32 element on the device."""
+    """1/n_valid for "mean" (1 otherwise) as one float32 element on the device: no host sync."""
     if reduction != 1:
         return torch.ones(1, dtype=torch.float32, device=device)
     n_valid = n if target is None else (target != ignore_index).sum(dtype=torch.float32)
