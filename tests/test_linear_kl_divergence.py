@@ -258,6 +258,19 @@ def test_all_tokens_ignored(impl, reduction):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_tokens(impl, reduction):
+    """N = 0: "mean" is NaN (0/0, as the reference and F.cross_entropy), "sum" 0, "none" empty; zero gradients."""
+    xs, ws = torch.randn(0, 3).requires_grad_(), torch.randn(5, 3).requires_grad_()
+    loss = linear_kl_divergence(xs, ws, torch.randn(0, 4), torch.randn(5, 4), impl=impl, reduction=reduction)
+    want = linear_kl_divergence_reference(xs, ws, torch.randn(0, 4), torch.randn(5, 4), reduction=reduction)
+    assert loss.shape == want.shape and torch.equal(loss.isnan(), want.isnan())
+    assert torch.equal(loss.detach().nan_to_num(), want.detach().nan_to_num())
+    loss.sum().backward()
+    assert xs.grad.shape == (0, 3) and ws.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_teacher_requires_grad_off_by_default(impl):
     inp = as_dtype(make_inputs(seed=7), torch.float32)
     leaves = {k: inp[k].clone().requires_grad_() for k in NAMES}
