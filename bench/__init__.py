@@ -17,6 +17,7 @@ _CASES = {
     "linear_log_probs": "linear_log_probs",
     "info_nce": "info_nce",
     "knn_entropy": "knn",
+    "linear_kl_divergence": "kl_divergence",
 }
 
 

@@ -36,7 +36,14 @@ def test_every_op_is_defined_by_the_python_library():
 def test_cpu_kernels_of_the_extension_attach_to_the_python_schemas():
     if not infofuse.cpp_available():
         pytest.skip(f"the extension did not load: {infofuse.build_info()}")
-    for name in ("linear_cross_entropy_forward", "info_nce_forward", "siglip_forward", "knn", "knn_count"):
+    for name in (
+        "linear_cross_entropy_forward",
+        "linear_kl_divergence_forward",
+        "info_nce_forward",
+        "siglip_forward",
+        "knn",
+        "knn_count",
+    ):
         op = getattr(torch.ops.infofuse, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), f"{name} has no CPU kernel"
 

@@ -7,6 +7,7 @@ Every public function runs under ``torch.profiler.record_function("infofuse::<op
 
 from ._ext import build_info, cpp_available
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from .kl_divergence import linear_kl_divergence
 from .knn import knn, knn_entropy, knn_kl_divergence, koleo_loss, ksg_mutual_information
 from .linear_cross_entropy import available_impls, linear_cross_entropy
 from .log_probs import linear_log_probs
@@ -15,6 +16,7 @@ from .modules import (
     InfoNCELoss,
     LinearCrossEntropy,
     LinearCrossEntropyLoss,
+    LinearKLDivergence,
     LinearLogProbs,
     NTXentLoss,
     SigLipLoss,
@@ -24,6 +26,7 @@ from .reference import (
     info_nce_reference,
     knn_reference,
     linear_cross_entropy_reference,
+    linear_kl_divergence_reference,
     linear_log_probs_reference,
     siglip_reference,
 )
@@ -36,6 +39,7 @@ __all__ = [
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
     "LinearLogProbs",
+    "LinearKLDivergence",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -55,6 +59,8 @@ __all__ = [
     "linear_cross_entropy_reference",
     "linear_log_probs",
     "linear_log_probs_reference",
+    "linear_kl_divergence",
+    "linear_kl_divergence_reference",
     "nt_xent",
     "siglip_loss",
     "siglip_reference",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .info_nce import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from .kl_divergence import linear_kl_divergence
 from .linear_cross_entropy import linear_cross_entropy
 from .log_probs import linear_log_probs
 
@@ -17,6 +18,7 @@ __all__ = [
     "LinearCrossEntropy",
     "LinearCrossEntropyLoss",
     "LinearLogProbs",
+    "LinearKLDivergence",
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
@@ -312,3 +314,53 @@ class SupConLoss(_KeywordLoss):
 
     def forward(self, features, labels):
         return supcon_loss(features, labels, **self._kw())
+
+
+class LinearKLDivergence(_KeywordLoss):
+    """Module form of :func:`infofuse.linear_kl_divergence` for heads owned elsewhere (the student's and the
+    teacher's ``lm_head``): ``forward(student_input, student_weight, teacher_input, teacher_weight, target=None,
+    student_bias=None, teacher_bias=None)`` with the stored options."""
+
+    _keys = ("temperature", "beta", "ignore_index", "reduction", "teacher_requires_grad", "impl", "chunk_size")
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        teacher_requires_grad: bool = False,
+        impl: str | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(
+            temperature=temperature,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            teacher_requires_grad=teacher_requires_grad,
+            impl=impl,
+            chunk_size=chunk_size,
+        )
+
+    def forward(
+        self,
+        student_input,
+        student_weight,
+        teacher_input,
+        teacher_weight,
+        target=None,
+        student_bias=None,
+        teacher_bias=None,
+    ):
+        return linear_kl_divergence(
+            student_input,
+            student_weight,
+            teacher_input,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            target=target,
+            **self._kw(),
+        )

@@ -6,6 +6,8 @@ gradients from PyTorch's autograd. Every kernel in the package is tested against
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,7 @@ __all__ = [
     "info_nce_rows_reference",
     "linear_cross_entropy_reference",
     "linear_log_probs_reference",
+    "linear_kl_divergence_reference",
     "siglip_reference",
     "siglip_rows_reference",
 ]
@@ -290,3 +293,56 @@ def knn_reference(x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1, *,
     if squeeze:
         values, indices = values[0], indices[0]
     return values, indices
+
+
+def linear_kl_divergence_reference(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The generalised Jensen–Shannon divergence between two linear heads, from their full logits.
+
+    P = softmax(F.linear(teacher_input, teacher_weight, teacher_bias) / temperature) (the teacher), Q the same
+    for the student; per token, over the vocabulary (docs/kl_divergence.md):
+
+    * ``beta == 0``: KL(P‖Q) = Σ_j p_j (log p_j − log q_j)   (forward KL)
+    * ``beta == 1``: KL(Q‖P)                                (reverse KL)
+    * otherwise:     β·KL(P‖M) + (1 − β)·KL(Q‖M) with M = β·P + (1 − β)·Q
+
+    Tokens whose ``target`` equals ``ignore_index`` count 0 (``target=None``: none ignored). "mean" divides the
+    sum over tokens by the number of tokens not ignored ("batchmean"), "sum" adds them, "none" returns them in
+    ``student_input.shape[:-1]``. The logits are cast to ``compute_dtype`` before the softmaxes.
+    """
+    z_s = F.linear(student_input, student_weight, student_bias).to(compute_dtype) / temperature
+    z_t = F.linear(teacher_input, teacher_weight, teacher_bias).to(compute_dtype) / temperature
+    log_q = z_s.log_softmax(-1)
+    log_p = z_t.log_softmax(-1)
+    if beta == 0.0:
+        per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif beta == 1.0:
+        per_token = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        kl_pm = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+        kl_qm = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+        per_token = beta * kl_pm + (1.0 - beta) * kl_qm
+    if target is None:
+        valid = torch.ones_like(per_token, dtype=torch.bool)
+    else:
+        valid = target.reshape(per_token.shape) != ignore_index
+    per_token = torch.where(valid, per_token, 0.0)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / valid.sum()
