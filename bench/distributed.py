@@ -11,7 +11,8 @@ the fastest peer, the largest per-rank peak and bytes sent, and the bytes beside
   2 (W−1)/W · N·D·4 bytes, plus O(N) statistics;
 - ``clip`` (data parallel, N/W image and text rows each): what any exact method must move — one side's features
   to every rank and their gradients back, 2 (W−1) · (N/W)·D·4 bytes — plus O(N);
-- ``knn`` (sharded points, N/W each): every shard visits every rank once, (W−1) · (N/W)·d·4 bytes.
+- ``knn`` (sharded points, N/W each, ``knn_entropy`` forward and backward): every shard visits every rank once,
+  (W−1) · (N/W)·d·4 bytes, and each query's neighbour gradient goes back to its owner, (W−1)/W · (N/W)·d·4 bytes.
 
 Peers: infofuse's ops (both schedules of the contrastive loss), a Megatron-style vocabulary-parallel loss that
 materialises each rank's N×(V/W) logits (written here on the same collectives), and open_clip's ``ClipLoss`` with
@@ -136,7 +137,9 @@ def _knn_peers(shape, rank, world, group):
     x = torch.randn(n, d, generator=g)
     start = sum(sizes[:rank])
     x = x[start : start + sizes[rank]].clone().requires_grad_()
-    min_bytes = (world - 1) * max(sizes) * d * 4
+    # the search: every shard visits every rank once; the gradient: each query's k-th neighbour's gradient back to
+    # its owner, who is another rank for a fraction (W - 1)/W of the queries
+    min_bytes = (world - 1) * max(sizes) * d * 4 + (world - 1) / world * max(sizes) * d * 4
     peers = {"infofuse knn_entropy": lambda: idist.knn_entropy(x, k=k, group=group)}
     return [x], peers, min_bytes, f"N={n} d={d} k={k}"
 

@@ -193,7 +193,7 @@ class _Route:
         dev = gidx.device
         size_t = torch.tensor(list(sizes), dtype=torch.int64, device=dev)
         ends = torch.cumsum(size_t, 0)
-        flat = gidx.reshape(-1)
+        flat = gidx.reshape(-1).contiguous()
         owner = torch.searchsorted(ends, flat, right=True)
         local = flat - (ends - size_t)[owner]
         problem = torch.arange(b, device=dev).repeat_interleave(n)
