@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .info_nce import _open_clip_loss_module
+from .info_nce import open_clip_loss_module
 from .memory import _malloc_trim, _status_kb
 
 CASES = ("lce", "clip", "knn")
@@ -116,7 +116,7 @@ def _clip_peers(shape, rank, world, group):
         "infofuse ring": lambda: idist.clip_loss(img, txt, scale, group=group, schedule="ring"),
     }
     try:
-        ClipLoss = _open_clip_loss_module().ClipLoss
+        ClipLoss = open_clip_loss_module().ClipLoss
         full = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
         local = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
         peers["open_clip gather_with_grad"] = lambda: full(img, txt, scale)
@@ -261,7 +261,8 @@ def _rank_main(rank, world, port, spec, queue):
         queue.put((rank, False, traceback.format_exc()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -270,7 +271,7 @@ def _free_port() -> int:
 def run_ranks(world: int, spec: dict) -> list[list[dict]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     env_before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # as bench.memory: RSS follows live tensors
     try:

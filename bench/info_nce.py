@@ -40,7 +40,10 @@ def _dense(image, text, scale):
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels)) / 2
 
 
-def _open_clip_loss_module():
+def open_clip_loss_module():
+    """open_clip's loss module: imported, or loaded from the installed wheel's open_clip/loss.py, which needs only
+    torch (the Makefile installs open-clip-torch without its dependencies, so ``import open_clip`` may fail).
+    Raises ``importlib.metadata.PackageNotFoundError`` where open-clip-torch is not installed."""
     try:
         import open_clip.loss as module
 
@@ -112,7 +115,7 @@ class InfoNCECase(Case):
             peers += [Peer(f"infofuse-{impl}", bind(impl), note=f"impl={impl!r}") for impl in ("chunked", "fused")]
         peers.append(Peer("dense", lambda: _dense, note="fp32 cross-entropy both ways on s·I Tᵀ"))
         try:
-            clip_loss_cls = _open_clip_loss_module().ClipLoss
+            clip_loss_cls = open_clip_loss_module().ClipLoss
             peers.append(Peer("open_clip", lambda: clip_loss_cls(), note="open_clip.loss.ClipLoss()"))
         except Exception as exc:
             peers.append(Peer("open_clip", None, skip=f"not installed ({_first_line(exc)})"))

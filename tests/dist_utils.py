@@ -14,22 +14,17 @@ from __future__ import annotations
 import datetime
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from infofuse.bench.distributed import free_port
+
 
 def gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, timeout, fn, args, queue):
@@ -59,7 +54,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 90.0) -> list:
     """``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; their return values by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_entry, args=(r, world, port, timeout, fn, args, queue), daemon=True) for r in range(world)
     ]

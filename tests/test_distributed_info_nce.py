@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import infofuse
+from infofuse.bench.info_nce import open_clip_loss_module
 from tests.dist_utils import gloo_available, run_ranks
 from tests.utils import assert_close, assert_graded
 
@@ -378,19 +379,9 @@ DDP_LOSSES = ("clip", "siglip", "supcon", "nt_xent")
 
 def _open_clip_loss_module():
     try:
-        import open_clip.loss as module
-
-        return module
-    except ImportError:
-        pass
-    try:
-        path = importlib.metadata.distribution("open_clip_torch").locate_file("open_clip/loss.py")
+        return open_clip_loss_module()
     except importlib.metadata.PackageNotFoundError:
         return None
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _contract(rank, world):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import infofuse
 from infofuse import _dist, distributed
 from infofuse.reference import knn_reference
-from tests.dist_utils import _free_port, gloo_available, run_ranks
+from tests.dist_utils import free_port, gloo_available, run_ranks
 from tests.utils import assert_close, assert_graded
 
 pytestmark = pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
@@ -387,7 +387,7 @@ def test_world_size_one_equals_single_process_exactly():
     """A group of one, in this process (no spawn): bit for bit the single-process ops."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         sizes = (sum(SIZES),)
         results = [dict(searches=_searches(0, 1, sizes), estimates=_estimates(0, 1, sizes))]

@@ -16,7 +16,6 @@ Three layouts, each on a tiny Llama with an untied head built from the same seed
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 
 import pytest
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 
 from infofuse import hf  # noqa: E402
+from tests.dist_utils import free_port  # noqa: E402
 from tests.test_hf import assert_same, batch, loss_and_grads, small_llama  # noqa: E402
 
 WORLD = 2
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this build of torch",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, layout: str, out: str) -> None:
@@ -82,7 +76,7 @@ def _rank(rank: int, port: int, layout: str, out: str) -> None:
 
 def _spawn(layout: str, tmp_path) -> list[dict]:
     context = mp.start_processes(
-        _rank, args=(_free_port(), layout, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        _rank, args=(free_port(), layout, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):  # raises with the rank's traceback when one fails

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import infofuse
 from infofuse import clip_loss, info_nce, nt_xent, siglip_loss, supcon_loss
+from infofuse.bench.info_nce import open_clip_loss_module
 from infofuse.reference import info_nce_reference, siglip_reference
 from tests.utils import GPU_IMPLS, assert_close, assert_graded, extra_cuda_bytes, rel_err, to_cuda
 
@@ -538,22 +539,10 @@ def test_modules_store_keywords_and_match_functions():
 
 
 def _open_clip_losses():
-    """open_clip's loss module: imported, or loaded from the installed wheel's open_clip/loss.py (which needs only
-    torch; the Makefile installs open-clip-torch without its dependencies, so ``import open_clip`` may fail)."""
     try:
-        import open_clip.loss as module
-
-        return module
-    except ImportError:
-        pass
-    try:
-        path = importlib.metadata.distribution("open_clip_torch").locate_file("open_clip/loss.py")
+        return open_clip_loss_module()
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("open-clip-torch is not installed (make install-test installs it)")
-    spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_agrees_with_open_clip_losses():
