@@ -527,6 +527,13 @@ def test_bad_input_raises_clear_errors(changes, error, match):
         _bad(**changes)()
 
 
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_triton_backends_refuse_float64(impl):
+    inp = make_inputs(5, 4, 6, 8, seed=13)
+    with pytest.raises(TypeError, match=f"impl='{impl}' takes float32, bfloat16 or float16 inputs"):
+        linear_kl_divergence(inp["xs"], inp["ws"], inp["xt"], inp["wt"], impl=impl)
+
+
 def test_exported():
     assert infofuse.linear_kl_divergence is linear_kl_divergence
     assert "LinearKLDivergence" in infofuse.__all__ and "linear_kl_divergence_reference" in infofuse.__all__
@@ -536,20 +543,38 @@ def test_exported():
 
 
 @pytest.mark.gpu
+def test_gpu_fused_refuses_deterministic_mode():
+    """The fused gradient kernel adds with float32 atomics: under torch.use_deterministic_algorithms(True) it raises
+    on CUDA rather than return order-dependent gradients (the forward without gradients still runs)."""
+    inp = {k: (v.cuda() if v is not None else None) for k, v in as_dtype(make_inputs(seed=21), torch.float32).items()}
+    args = (inp["xs"], inp["ws"], inp["xt"], inp["wt"])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            assert torch.isfinite(linear_kl_divergence(*args, impl="fused"))
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            linear_kl_divergence(inp["xs"].requires_grad_(), *args[1:], impl="fused")
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
 @pytest.mark.parametrize("beta", BETAS)
-def test_gpu_chunked_graded_against_pytorch(beta):
-    """The default CUDA backend (chunked: cuBLAS + the Triton row pass, compiled) at an LM-like shape, float32 and
-    bf16, graded against PyTorch at the same dtype."""
+def test_gpu_triton_graded_against_pytorch(impl, beta):
+    """The compiled Triton backends (chunked, the CUDA default: cuBLAS + the row pass; fused: no logit in memory) at
+    an LM-like shape, float32 and bf16, graded against PyTorch at the same dtype."""
     for dtype in (torch.float32, torch.bfloat16):
         inp = make_inputs(2048, 256, 384, 32000, seed=20)
         cuda = {k: (v.cuda() if v is not None else None) for k, v in as_dtype(inp, dtype).items()}
         kw = dict(beta=beta, temperature=2.0, reduction="mean", teacher_requires_grad=True)
-        ours = run(linear_kl_divergence, cuda, **kw)
+        ours = run(linear_kl_divergence, cuda, impl=impl, **kw)
         same = run(ref_fn, cuda, **kw)
         truth = run(truth_fn, {k: (v.cuda() if v is not None else None) for k, v in inp.items()}, **kw)
         for key in truth:
             floor = 1e-6 if dtype == torch.float32 or key == "loss" else 1e-3
-            assert_graded(ours[key], same[key], truth[key], name=f"{key} ({dtype}, beta={beta})", floor=floor)
+            assert_graded(ours[key], same[key], truth[key], name=f"{key} ({impl}, {dtype}, beta={beta})", floor=floor)
 
 
 @pytest.mark.gpu
