@@ -17,9 +17,13 @@ from infofuse import LinearKLDivergence, linear_kl_divergence
 from infofuse.reference import linear_kl_divergence_reference
 from tests.utils import assert_close, assert_graded
 
-IMPLS = ["cpu", "chunked"]
-F64_IMPLS = {"cpu"}  # the Triton row pass computes in float32: graded against PyTorch's float32 error
-OPS = {"cpu": "linear_kl_divergence", "chunked": "linear_kl_divergence_chunked"}
+IMPLS = ["cpu", "chunked", "fused"]
+F64_IMPLS = {"cpu"}  # the Triton kernels compute in float32: graded against PyTorch's float32 error
+OPS = {
+    "cpu": "linear_kl_divergence",
+    "chunked": "linear_kl_divergence_chunked",
+    "fused": "linear_kl_divergence_fused",
+}
 N, DS, DT, V = 37, 23, 29, 107  # odd sizes: ragged Triton tiles (BLOCK_V 128) and chunks
 BETAS = [0.0, 0.3, 1.0]
 NAMES = ("xs", "ws", "bs", "xt", "wt", "bt")
@@ -175,12 +179,13 @@ def _case(option_set, seed):
 
 
 def _reference_cases():
-    """Every (impl, beta, reduction, option set), less the chunked path's "sum" / "none" on the lighter option
+    """Every (impl, beta, reduction, option set), less the Triton paths' "sum" / "none" on the lighter option
     sets: the interpreter is slow, and "sum" differs from "mean" by the divisor only, which the cpu cases check
-    (chunked keeps "sum" and "none" on the option set with everything, and "none" with a frozen teacher)."""
+    (chunked and fused keep "sum" and "none" on the option set with everything, and "none" with a frozen
+    teacher)."""
     for impl, beta, reduction, option_set in itertools.product(IMPLS, BETAS, ["mean", "sum", "none"], OPTION_SETS):
         light = option_set != "everything" and reduction != "mean"
-        if impl == "chunked" and light and (reduction, option_set) != ("none", "frozen_teacher"):
+        if impl in ("chunked", "fused") and light and (reduction, option_set) != ("none", "frozen_teacher"):
             continue
         yield impl, beta, reduction, option_set
 
@@ -414,6 +419,9 @@ def _op_args(flags=(True,) * 6, reduction=1, beta=0.3):
         ("cpu", 2, (True, True, False, False, False, False)),
         ("chunked", 0, (True, True, False, False, False, False)),
         ("chunked", 1, (True,) * 6),
+        ("fused", 0, (True, True, False, False, False, False)),
+        ("fused", 1, (True,) * 6),
+        ("fused", 2, (True, False, True, False, True, True)),
     ],
 )
 def test_opcheck_forward(impl, reduction, flags):
@@ -509,7 +517,7 @@ def _bad(**changes):
         ({"target": torch.zeros(4, dtype=torch.long)}, ValueError, "target must have shape"),
         ({"teacher_weight": torch.randn(8, 6, device="meta")}, ValueError, "one device.*teacher_weight on meta"),
         ({"reduction": "batchmean"}, ValueError, "reduction must be"),
-        ({"impl": "fused"}, ValueError, "impl must be"),
+        ({"impl": "triton"}, ValueError, "impl must be None, .cpu., .chunked., .fused. or .reference."),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"teacher_requires_grad": 1}, TypeError, "teacher_requires_grad must be a bool"),
     ],
@@ -517,6 +525,13 @@ def _bad(**changes):
 def test_bad_input_raises_clear_errors(changes, error, match):
     with pytest.raises(error, match=match):
         _bad(**changes)()
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_triton_backends_refuse_float64(impl):
+    inp = make_inputs(5, 4, 6, 8, seed=13)
+    with pytest.raises(TypeError, match=f"impl='{impl}' takes float32, bfloat16 or float16 inputs"):
+        linear_kl_divergence(inp["xs"], inp["ws"], inp["xt"], inp["wt"], impl=impl)
 
 
 def test_exported():
@@ -528,20 +543,38 @@ def test_exported():
 
 
 @pytest.mark.gpu
+def test_gpu_fused_refuses_deterministic_mode():
+    """The fused gradient kernel adds with float32 atomics: under torch.use_deterministic_algorithms(True) it raises
+    on CUDA rather than return order-dependent gradients (the forward without gradients still runs)."""
+    inp = {k: (v.cuda() if v is not None else None) for k, v in as_dtype(make_inputs(seed=21), torch.float32).items()}
+    args = (inp["xs"], inp["ws"], inp["xt"], inp["wt"])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            assert torch.isfinite(linear_kl_divergence(*args, impl="fused"))
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            linear_kl_divergence(inp["xs"].requires_grad_(), *args[1:], impl="fused")
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
 @pytest.mark.parametrize("beta", BETAS)
-def test_gpu_chunked_graded_against_pytorch(beta):
-    """The default CUDA backend (chunked: cuBLAS + the Triton row pass, compiled) at an LM-like shape, float32 and
-    bf16, graded against PyTorch at the same dtype."""
+def test_gpu_triton_graded_against_pytorch(impl, beta):
+    """The compiled Triton backends (chunked, the CUDA default: cuBLAS + the row pass; fused: no logit in memory) at
+    an LM-like shape, float32 and bf16, graded against PyTorch at the same dtype."""
     for dtype in (torch.float32, torch.bfloat16):
         inp = make_inputs(2048, 256, 384, 32000, seed=20)
         cuda = {k: (v.cuda() if v is not None else None) for k, v in as_dtype(inp, dtype).items()}
         kw = dict(beta=beta, temperature=2.0, reduction="mean", teacher_requires_grad=True)
-        ours = run(linear_kl_divergence, cuda, **kw)
+        ours = run(linear_kl_divergence, cuda, impl=impl, **kw)
         same = run(ref_fn, cuda, **kw)
         truth = run(truth_fn, {k: (v.cuda() if v is not None else None) for k, v in inp.items()}, **kw)
         for key in truth:
             floor = 1e-6 if dtype == torch.float32 or key == "loss" else 1e-3
-            assert_graded(ours[key], same[key], truth[key], name=f"{key} ({dtype}, beta={beta})", floor=floor)
+            assert_graded(ours[key], same[key], truth[key], name=f"{key} ({impl}, {dtype}, beta={beta})", floor=floor)
 
 
 @pytest.mark.gpu
@@ -581,9 +614,46 @@ print("ok")
 """
 
 
+_FUSED_COMPILE_SCRIPT = """
+import torch
+from infofuse.bench.sass import compile_kernel
+from infofuse.triton_kernels.kl_divergence_fused import CUDA_BLOCKS, _kl_fused_grad_kernel, _kl_fused_stats_kernel
+
+cfg = dict(CUDA_BLOCKS)
+launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+sizes = dict(N=512, V=4096, DS=256, DT=384, stride_xsn=256, stride_xsd=1, stride_wsv=256, stride_wsd=1,
+             stride_xtn=384, stride_xtd=1, stride_wtv=384, stride_wtd=1, inv_t=0.5, beta=0.3, log_beta=-1.2,
+             log_1mbeta=-0.35)
+f = torch.empty(64)
+for dtype, mode in ((torch.bfloat16, 0), (torch.float32, 2)):
+    x = torch.empty(64, 64, dtype=dtype)
+    common = dict(xs_ptr=x, ws_ptr=x, bs_ptr=x, xt_ptr=x, wt_ptr=x, bt_ptr=x, MODE=mode, HAS_BS=True, HAS_BT=True,
+                  IEEE=dtype == torch.float32, **sizes, **cfg)
+    stats = dict(target_ptr=torch.empty(64, dtype=torch.int64), stats_ptr=f, loss_ptr=f, ignore_index=-100,
+                 HAS_TARGET=True)
+    teacher = mode == 2
+    grads = dict(stats_ptr=f, coef_ptr=f, dxs_ptr=f, dws_ptr=f, dbs_ptr=f, dxt_ptr=f, dwt_ptr=f, dbt_ptr=f,
+                 GRAD_XS=True, GRAD_WS=True, GRAD_BS=True, GRAD_XT=teacher, GRAD_WT=teacher, GRAD_BT=teacher)
+    for kernel, extra in ((_kl_fused_stats_kernel, stats), (_kl_fused_grad_kernel, grads)):
+        c = compile_kernel(kernel, dict(common, **extra), arch=90, **launch)
+        assert c.spill_bytes == 0, f"{kernel.fn.__name__} mode {mode} {dtype}: {c.spill_bytes} bytes spilled"
+print("ok")
+"""
+
+
 def test_row_kernel_compiles_for_sm90():
     """The GPU build of the Triton row pass (every mode, float32 and bf16 logits) goes through for sm_90 with no
     register spills, on a machine without a GPU (the interpreter tests check only what it computes)."""
+    _compiles_for_sm90(_COMPILE_SCRIPT)
+
+
+def test_fused_kernels_compile_for_sm90():
+    """Both fused kernels (forward KL in bf16, skew JSD in float32 with teacher gradients), at the CUDA tile sizes,
+    go through for sm_90 with no register spills."""
+    _compiles_for_sm90(_FUSED_COMPILE_SCRIPT)
+
+
+def _compiles_for_sm90(script: str) -> None:
     import os
     import subprocess
     import sys
@@ -595,6 +665,6 @@ def test_row_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout + out.stderr

@@ -10,13 +10,14 @@ import torch
 from . import _ext
 from ._ops import _triton_common
 from ._ops import kl_divergence_chunked as _chunked  # noqa: F401 (registers the chunked ops)
+from ._ops import kl_divergence_fused as _fused  # noqa: F401 (registers the fused ops)
 from ._ops.kl_divergence import REDUCTIONS, KLParams, grad_flags
 from .reference import linear_kl_divergence_reference
 
 __all__ = ["linear_kl_divergence"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_IMPLS = ("cpu", "chunked", "reference")
+_IMPLS = ("cpu", "chunked", "fused", "reference")
 _warned_fallback: set[str] = set()
 
 
@@ -102,7 +103,7 @@ def _validate(si, sw, ti, tw, sb, tb, temperature, beta, target, ignore_index, r
     ):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if impl is not None and impl not in _IMPLS:
-        raise ValueError(f"impl must be None, 'cpu', 'chunked' or 'reference', got {impl!r}")
+        raise ValueError(f"impl must be None, 'cpu', 'chunked', 'fused' or 'reference', got {impl!r}")
     if not isinstance(trg, bool):
         raise TypeError(f"teacher_requires_grad must be a bool, got {type(trg).__name__}")
 
@@ -184,10 +185,13 @@ def linear_kl_divergence(
             gradients only. True: gradients flow to every teacher tensor that requires one too.
         impl: None picks by device ("cpu" for CPU tensors, "chunked" for CUDA tensors); "cpu" (C++ over row
             chunks), "chunked" (library GEMMs over row chunks with a Triton row pass between; CUDA, or CPU
-            tensors under ``TRITON_INTERPRET=1``; float32/bfloat16/float16) or "reference" (plain PyTorch,
-            materialises both heads' logits).
+            tensors under ``TRITON_INTERPRET=1``; float32/bfloat16/float16), "fused" (Triton kernels that form both
+            heads' logits only as tiles in registers, never in memory; same devices and dtypes as "chunked";
+            gradients by float32 atomics, refused on CUDA under ``torch.use_deterministic_algorithms(True)``) or
+            "reference" (plain PyTorch, materialises both heads' logits).
         chunk_size: rows of each head's logits held at once (None: on the CPU 32 MiB for both heads, but at least
             max(D_s, D_t)/32 rows; on the GPU as the chunked linear cross-entropy picks for twice the vocabulary).
+            "fused" holds no chunk and ignores it.
 
     Returns:
         The loss, float32 (float64 for float64 inputs): a scalar for "mean"/"sum", ``student_input.shape[:-1]``
@@ -244,7 +248,11 @@ def linear_kl_divergence(
             forward_op = torch.ops.infofuse.linear_kl_divergence_forward
         else:
             _triton_common.check_triton_input(student_input, impl)
-            forward_op = torch.ops.infofuse.linear_kl_divergence_chunked_forward
+            forward_op = (
+                torch.ops.infofuse.linear_kl_divergence_fused_forward
+                if impl == "fused"
+                else torch.ops.infofuse.linear_kl_divergence_chunked_forward
+            )
         n = batch_shape.numel()
         params = KLParams(
             beta=beta,

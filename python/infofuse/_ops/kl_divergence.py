@@ -1,8 +1,9 @@
 """Custom ops of linear KL / generalised JSD distillation: schemas, fake kernels and autograd.
 
 Every backend implements one pair of ops with the schemas below: ``infofuse::linear_kl_divergence_forward`` /
-``_backward`` (the C++ CPU kernel, csrc/cpu/kl_divergence.cpp) and ``..._chunked_forward`` / ``_backward`` (library
-GEMMs with a Triton row pass, ``kl_divergence_chunked.py``). The autograd formula is shared:
+``_backward`` (the C++ CPU kernel, csrc/cpu/kl_divergence.cpp), ``..._chunked_forward`` / ``_backward`` (library
+GEMMs with a Triton row pass, ``kl_divergence_chunked.py``) and ``..._fused_forward`` / ``_backward`` (Triton
+kernels that never write a logit, ``kl_divergence_fused.py``). The autograd formula is shared:
 
 * ``reduction`` "mean"/"sum": the forward op already formed every wanted gradient (student, and teacher where
   asked) for ``grad_output = 1`` while each chunk of logits was hot; backward scales them by ``grad_output``
