@@ -192,17 +192,24 @@ def _nce_kernel(impl, query, key, scale, target, labels, key_labels, exclude_sel
     return op(query, key, scale, target, labels, key_labels, None, _ops.MODE_INFO_NCE, exclude_self, False)[0]
 
 
+def _gathered_keys(rows: _Rows, query, key, world: _World):
+    """The key side gathered (its gradient reduce-scattered back to the owners), in self-first order where a
+    diagonal matters (the kernels' diagonal is each row's own position): (keys, target, key_labels, inverse), the
+    target and key labels moved to that order and ``inverse`` the permutation back (None without one)."""
+    keys = _dist.gather_rows(key, rows.sizes, world.group)
+    target, key_labels = rows.target, rows.key_labels
+    if rows.self_start is None:
+        return keys, target, key_labels, None
+    perm = _self_first(rows.self_start, query.shape[0], keys.shape[0], query.device)
+    inverse = torch.argsort(perm)
+    target = None if target is None else inverse[target]
+    key_labels = None if key_labels is None else key_labels[perm]
+    return keys.index_select(0, perm), target, key_labels, inverse
+
+
 def _rows_all_gather(rows: _Rows, query, key, scale, bias, impl, world: _World) -> torch.Tensor:
     """The rows' terms with the key side gathered (its gradient reduce-scattered back to the owners)."""
-    keys = _dist.gather_rows(key, rows.sizes, world.group)
-    total = keys.shape[0]
-    target, key_labels = rows.target, rows.key_labels
-    if rows.self_start is not None:  # the kernels' diagonal is each row's own position
-        perm = _self_first(rows.self_start, query.shape[0], total, query.device)
-        keys = keys.index_select(0, perm)
-        inverse = torch.argsort(perm)
-        target = None if target is None else inverse[target]
-        key_labels = None if key_labels is None else key_labels[perm]
+    keys, target, key_labels, _ = _gathered_keys(rows, query, key, world)
     if rows.kind == "siglip":
         if impl == "reference":
             return siglip_rows_reference(query, keys, scale, bias, compute_dtype=scale.dtype)
@@ -232,17 +239,8 @@ def _symmetric_all_gather(rows: _Rows, query, key, scale, impl, world: _World) -
 
     Returns this rank's part (W × its gradient through ``all_reduce_sum`` in the caller) plus, gradient-scaled
     by W, the replicated column lse sum divided by W, so that the all-reduced total counts it once."""
-    keys = _dist.gather_rows(key, rows.sizes, world.group)
+    keys, target, key_labels, unpermute = _gathered_keys(rows, query, key, world)
     total = keys.shape[0]
-    target, key_labels = rows.target, rows.key_labels
-    unpermute = None
-    if rows.self_start is not None:  # the kernels' diagonal is each row's own position
-        perm = _self_first(rows.self_start, query.shape[0], total, query.device)
-        keys = keys.index_select(0, perm)
-        inverse = torch.argsort(perm)
-        target = inverse[target]
-        key_labels = None if key_labels is None else key_labels[perm]
-        unpermute = inverse
     acc = scale.dtype
     n = query.shape[0]
     if n > 0:
